@@ -1,0 +1,408 @@
+"""The static audit: what will and will not train, checked before a single step runs.
+
+Pure functions from (model, optimizer, intent) to findings: no hooks, no side effects, no reads of
+parameter data (so a 70B model on the meta device is audited in milliseconds).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradguard.core.groups import ROLES, Group, GroupMap, build_groups
+from gradguard.report.model import Finding, GroupSummary, Report
+
+
+def fmt_count(n: int) -> str:
+    """Human-sized parameter count: ``1234567 -> '1.2M'``."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+@dataclass
+class Audit:
+    """The result of :func:`audit_requires_grad`: per-group counts and findings.
+
+    ``print(audit)`` shows a table, one row per module group; ``assert audit.ok, audit`` fails a CI job
+    with that table when there is an error finding.
+    """
+
+    groups: list[GroupSummary]
+    findings: list[Finding]
+    group_map: GroupMap | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def to_report(self) -> Report:
+        return Report(
+            status="healthy" if self.ok else "fault", findings=list(self.findings), groups=list(self.groups)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.to_report().to_dict()
+        return {"ok": self.ok, "groups": d["groups"], "findings": d["findings"]}
+
+    def __rich__(self) -> Any:
+        from gradguard.report.render import audit_renderable
+
+        return audit_renderable(self)
+
+    def __str__(self) -> str:
+        from gradguard.report.render import render_text
+
+        return render_text(self)
+
+
+def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSummary:
+    base = [p.param for p in group.base]
+    adapters = [p.param for p in group.adapters]
+    n_base = sum(p.numel() for p in base)
+    base_train = sum(p.numel() for p in base if p.requires_grad)
+    n_adapt = sum(p.numel() for p in adapters)
+    adapt_train = sum(p.numel() for p in adapters if p.requires_grad)
+    if base and base_train == n_base:
+        state = "trainable"
+    elif base_train:
+        state = "partial"
+    elif adapt_train:
+        state = "adapters"
+    else:
+        state = "frozen"
+    in_opt = None
+    if optimizer_ids is not None:
+        in_opt = sum(p.param.numel() for p in group.params if p.param.requires_grad and id(p.param) in optimizer_ids)
+    return GroupSummary(
+        name=group.name,
+        role=group.role,
+        params=n_base,
+        trainable=base_train + adapt_train,
+        frozen=n_base - base_train,
+        adapter_params=n_adapt,
+        adapter_trainable=adapt_train,
+        tensors=len(group.params),
+        state=state,
+        dtypes=sorted({str(p.param.dtype).removeprefix("torch.") for p in group.params}),
+        in_optimizer=in_opt,
+    )
+
+
+def optimizer_param_ids(optimizer: Any) -> set[int]:
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer (something with .param_groups), got "
+            f"{type(optimizer).__name__}"
+        )
+    return {id(p) for g in groups for p in g["params"]}
+
+
+def resolve_intent(gmap: GroupMap, expect_trainable: str | Iterable[str] | None) -> dict[str, list[Group]]:
+    """Map each ``expect_trainable`` entry to the groups it selects; unknown entries are a ValueError."""
+    if expect_trainable is None:
+        return {}
+    if isinstance(expect_trainable, str):
+        expect_trainable = [expect_trainable]
+    if not isinstance(expect_trainable, Iterable):
+        raise TypeError(
+            "expect_trainable must be a list of group names, roles or globs, e.g. ['vpm', 'resampler'] or "
+            f"['vision', 'connector']; got {type(expect_trainable).__name__}"
+        )
+    resolved: dict[str, list[Group]] = {}
+    for sel in expect_trainable:
+        if not isinstance(sel, str) or not sel:
+            raise TypeError(f"expect_trainable entries must be non-empty strings, got {sel!r}")
+        hits = gmap.match(sel)
+        if not hits:
+            names = list(gmap.groups)
+            close = difflib.get_close_matches(sel, names + list(ROLES), n=3)
+            suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"expect_trainable entry {sel!r} matches no module group.{suggestion} "
+                f"Groups in this model: {', '.join(names) or '(none)'}; roles: {', '.join(ROLES)}. "
+                "Use a group name, a role, or a glob; or define groups with groups={'pattern*': 'name'}."
+            )
+        resolved[sel] = hits
+    return resolved
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") or any(
+        hasattr(m, "adapter_layer_names") for m in model.modules()
+    )
+
+
+def audit_requires_grad(
+    model: nn.Module,
+    expect_trainable: str | Sequence[str] | None = None,
+    optimizer: torch.optim.Optimizer | Any | None = None,
+    groups: Mapping[str, str] | None = None,
+) -> Audit:
+    """Check what will train, per module group, before training starts.
+
+    ``expect_trainable`` lists group names (``"vpm"``), roles (``"vision"``, ``"connector"``) or globs
+    that must have trainable parameters; ``optimizer`` is checked for coverage of the trainable
+    parameters; ``groups`` overrides group detection with ``{"glob over param paths": "group[:role]"}``.
+
+    >>> from gradguard.testing.models import tiny_minicpmv2
+    >>> from peft import LoraConfig, get_peft_model
+    >>> model = tiny_minicpmv2()
+    >>> model.vpm.requires_grad_(True); model.resampler.requires_grad_(True)  # doctest: +ELLIPSIS
+    Siglip...
+    >>> model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    >>> audit = audit_requires_grad(model, expect_trainable=["vpm", "resampler"])
+    >>> audit.ok, [f.group for f in audit.findings if f.code == "GG001"]
+    (False, ['vpm', 'resampler'])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"audit_requires_grad expects a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "(for a Trainer: trainer.model)"
+        )
+    gmap = build_groups(model, groups)
+    intent = resolve_intent(gmap, expect_trainable)
+    opt_ids = optimizer_param_ids(optimizer) if optimizer is not None else None
+    summaries = {g.name: summarize(g, opt_ids) for g in gmap}
+    findings = [
+        *check_trainable_at_all(gmap),
+        *check_intent(gmap, intent, summaries, is_peft_model(model)),
+        *(check_optimizer(gmap, opt_ids) if opt_ids is not None else []),
+        *check_tied_weights(model),
+        *check_partial_freeze(gmap),
+        *check_dtypes(gmap),
+        *check_meta(gmap),
+    ]
+    return Audit(groups=list(summaries.values()), findings=findings, group_map=gmap)
+
+
+# -- rules (each a pure function returning findings) ------------------------------------------------------
+
+
+def check_trainable_at_all(gmap: GroupMap) -> list[Finding]:
+    if not gmap.by_param:
+        return [
+            Finding.of(
+                "no_trainable_params",
+                "the model has no parameters at all",
+                "pass the model you train (for PEFT, the PeftModel returned by get_peft_model)",
+            )
+        ]
+    if not any(info.param.requires_grad for info in gmap.by_param.values()):
+        total = sum(info.param.numel() for info in gmap.by_param.values())
+        return [
+            Finding.of(
+                "no_trainable_params",
+                f"0 of {fmt_count(total)} params are trainable (requires_grad=False everywhere)",
+                "unfreeze what you want to train (module.requires_grad_(True)), or check that LoraConfig"
+                "'s target_modules match module names in this model",
+            )
+        ]
+    return []
+
+
+def _describe(s: GroupSummary) -> str:
+    base_train = s.trainable - s.adapter_trainable
+    return (
+        f"{s.name}: {fmt_count(base_train)} of {fmt_count(s.params)} base params trainable; "
+        f"{fmt_count(s.adapter_trainable)} adapter params trainable"
+    )
+
+
+def check_intent(
+    gmap: GroupMap, intent: dict[str, list[Group]], summaries: dict[str, GroupSummary], peft: bool
+) -> list[Finding]:
+    findings: list[Finding] = []
+    expected: set[str] = set()
+    for selector, hits in intent.items():
+        for g in hits:
+            if g.name in expected:
+                continue
+            expected.add(g.name)
+            if g.trainable:
+                continue
+            if peft:
+                leaf = g.name.rsplit(".", 1)[-1]
+                hint = (
+                    f"pass modules_to_save=['{leaf}'] to LoraConfig (or add its layers to target_modules), "
+                    f"or call requires_grad_(True) on `{g.name}` after get_peft_model and before building "
+                    "the optimizer"
+                )
+            else:
+                hint = f"call model.{g.name}.requires_grad_(True) before building the optimizer"
+            via = "" if selector == g.name else f" (selected by {selector!r})"
+            findings.append(
+                Finding.of(
+                    "frozen_expected_trainable",
+                    f"{_describe(summaries[g.name])}; expected trainable{via}",
+                    hint,
+                    g.name,
+                    phase="static",
+                )
+            )
+    if intent:
+        for g in gmap:
+            s = summaries[g.name]
+            base_train = s.trainable - s.adapter_trainable
+            if g.name not in expected and base_train:
+                findings.append(
+                    Finding.of(
+                        "trainable_expected_frozen",
+                        f"{_describe(s)}; not in expect_trainable",
+                        f"freeze it (model.{g.name}.requires_grad_(False)) or add {g.name!r} to "
+                        "expect_trainable",
+                        g.name,
+                        phase="static",
+                    )
+                )
+    return findings
+
+
+def check_optimizer(gmap: GroupMap, opt_ids: set[int]) -> list[Finding]:
+    findings: list[Finding] = []
+    for g in gmap:
+        missing = [p for p in g.params if p.param.requires_grad and id(p.param) not in opt_ids]
+        frozen_in = [p for p in g.params if not p.param.requires_grad and id(p.param) in opt_ids]
+        if missing:
+            n = sum(p.param.numel() for p in missing)
+            findings.append(
+                Finding.of(
+                    "not_in_optimizer",
+                    f"{g.name}: {fmt_count(n)} trainable params in {len(missing)} tensors are in no optimizer "
+                    f"param group (e.g. {missing[0].name})",
+                    "build the optimizer after the last requires_grad change (after get_peft_model and any "
+                    "unfreezing), from [p for p in model.parameters() if p.requires_grad]",
+                    g.name,
+                    phase="static",
+                )
+            )
+        if frozen_in:
+            n = sum(p.param.numel() for p in frozen_in)
+            findings.append(
+                Finding.of(
+                    "frozen_in_optimizer",
+                    f"{g.name}: {fmt_count(n)} frozen params in {len(frozen_in)} tensors are in the optimizer "
+                    f"(e.g. {frozen_in[0].name}); they will never be updated",
+                    "build the optimizer from [p for p in model.parameters() if p.requires_grad], after "
+                    "freezing",
+                    g.name,
+                    phase="static",
+                )
+            )
+    return findings
+
+
+def _embedding_weights(model: nn.Module, getter: str) -> list[torch.Tensor]:
+    fn = getattr(model, getter, None)
+    if not callable(fn):
+        return []
+    try:
+        module = fn()
+    except (NotImplementedError, AttributeError, TypeError):
+        return []
+    if module is None:
+        return []
+    # A PEFT modules_to_save wrapper holds the frozen original and the trainable copy: the copy is
+    # what trains, so report on all weights under the module.
+    return [p for n, p in module.named_parameters() if n.endswith("weight")]
+
+
+def check_tied_weights(model: nn.Module) -> list[Finding]:
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "get_text_config", None)
+    cfg = text_config() if callable(text_config) else config
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return []
+    inputs = _embedding_weights(model, "get_input_embeddings")
+    outputs = _embedding_weights(model, "get_output_embeddings")
+    if not inputs or not outputs:
+        return []
+    if any(o is i for o in outputs for i in inputs):
+        return []  # still one tensor: one requires_grad
+    in_train = any(p.requires_grad for p in inputs)
+    out_train = any(p.requires_grad for p in outputs)
+    if in_train == out_train:
+        return []
+    trains, frozen = ("output", "input") if out_train else ("input", "output")
+    message = (
+        f"the model ties input and output embeddings (tie_word_embeddings=True), but they are separate "
+        f"tensors now and the {trains} embedding trains while the {frozen} embedding is frozen"
+    )
+    return [
+        Finding.of(
+            "tied_weight_mismatch",
+            message,
+            "train both sides (modules_to_save=['lm_head', 'embed_tokens']) or neither; or re-tie with "
+            "model.tie_weights() before wrapping",
+            phase="static",
+        )
+    ]
+
+
+def check_partial_freeze(gmap: GroupMap) -> list[Finding]:
+    findings = []
+    for g in gmap:
+        base = g.base
+        if g.adapters or len(base) < 4:
+            continue
+        frozen = [p for p in base if not p.param.requires_grad]
+        train = [p for p in base if p.param.requires_grad]
+        if not frozen or not train:
+            continue
+        minority, word = (frozen, "frozen") if len(frozen) <= len(train) else (train, "trainable")
+        if len(minority) / len(base) > 0.25:
+            continue
+        names = ", ".join(p.path for p in minority[:4]) + (" …" if len(minority) > 4 else "")
+        findings.append(
+            Finding.of(
+                "partial_freeze",
+                f"{g.name}: {len(minority)} of {len(base)} parameter tensors are {word} ({names})",
+                "if that was not intended, set requires_grad by module rather than by name substring",
+                g.name,
+                phase="static",
+            )
+        )
+    return findings
+
+
+def check_dtypes(gmap: GroupMap) -> list[Finding]:
+    findings = []
+    for g in gmap:
+        half = [p for p in g.params if p.param.requires_grad and p.param.dtype == torch.float16]
+        if half:
+            n = sum(p.param.numel() for p in half)
+            findings.append(
+                Finding.of(
+                    "fp16_trainable",
+                    f"{g.name}: {fmt_count(n)} trainable params are stored in float16",
+                    "keep trainable weights in float32 and let fp16=True / autocast handle compute; or use "
+                    "bf16",
+                    g.name,
+                    phase="static",
+                )
+            )
+    return findings
+
+
+def check_meta(gmap: GroupMap) -> list[Finding]:
+    meta = [p for p in gmap.by_param.values() if p.param.is_meta]
+    if not meta:
+        return []
+    n = sum(p.param.numel() for p in meta)
+    return [
+        Finding.of(
+            "meta_params",
+            f"{fmt_count(n)} params in {len(meta)} tensors are on the meta device (no data yet); the audit "
+            "checks structure only",
+            "load or materialise the weights before training (from_pretrained, "
+            "load_checkpoint_and_dispatch, or to_empty + init)",
+            phase="static",
+        )
+    ]

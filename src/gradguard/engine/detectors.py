@@ -1,0 +1,353 @@
+"""Detectors: pure functions of one step's statistics (and a small rolling state). No hooks, no I/O.
+
+``detect_fault`` answers "is this step poisoned, and where did it begin?" (the errors that stop a run);
+``Trends`` watches the run's own history for spikes, explosions, collapse, dead gradients and a falling
+fp16 loss scale. Thresholds are relative to the run itself (robust median/MAD statistics), never
+absolute: healthy gradient norms range from 1e-3 to 1e3 across models.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradguard.report.model import Finding, Origin
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The few knobs of the detectors. Defaults are tuned to stay quiet on healthy runs."""
+
+    window: int = 50  # steps of history the robust statistics look at
+    warmup: int = 20  # steps before spikes / explosions can be called
+    spike_z: float = 8.0  # robust z-score (MAD units) for a loss spike or gradient explosion
+    spike_ratio: float = 1.5  # … and at least this factor above the median (loss)
+    explosion_ratio: float = 10.0  # … and at least this factor above the median (grad norm)
+    dead_steps: int = 3  # consecutive steps without gradient before a group is called dead
+    collapse_steps: int = 5  # consecutive near-zero loss steps before "collapse"
+    collapse_fraction: float = 1e-3  # "near zero" = below this fraction of the starting loss
+    scaler_skips: int = 8  # consecutive fp16 skipped steps before the loss scale counts as collapsed
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Thresholds:
+        if data is None:
+            return cls()
+        if isinstance(data, Thresholds):
+            return data
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+
+@dataclass
+class GroupContext:
+    name: str
+    role: str
+    trainable: bool
+    expected: bool  # named (directly or by role) in expect_trainable
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, as host values (read with one sync)."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)  # raw loss per micro-batch
+    supervised: list[int | None] = field(default_factory=list)  # labels != -100 per micro-batch
+    inputs: list[tuple[int, str, float]] = field(default_factory=list)  # (micro-batch, key, abs-max)
+    group_outputs: list[tuple[str, int, float]] = field(default_factory=list)  # firing order, abs-max
+    group_norm: dict[str, float] = field(default_factory=dict)  # pre-clip L2, trainable groups
+    group_nonfinite: dict[str, int] = field(default_factory=dict)  # param tensors with a non-finite grad
+    group_nonzero: dict[str, int] = field(default_factory=dict)  # param tensors with a non-zero grad
+    group_fired: dict[str, int] = field(default_factory=dict)  # param tensors that received a grad
+    scaler_active: bool = False
+    loss_scale: float | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """The step's raw loss: mean over micro-batches (NaN if any is NaN)."""
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+    @property
+    def grads_finite(self) -> bool:
+        return not any(self.group_nonfinite.values())
+
+
+def _first_bad_output(stats: StepStats) -> tuple[str, int, float] | None:
+    for group, micro, amax in stats.group_outputs:
+        if not math.isfinite(amax):
+            return group, micro, amax
+    return None
+
+
+def detect_fault(
+    stats: StepStats, groups: Mapping[str, GroupContext], first_bad_grad_group: str | None = None
+) -> tuple[Finding, Origin, dict[str, Any]] | None:
+    """The poisoning fault of this step, if any: kind, origin and evidence.
+
+    The order of checks is the order in which a non-finite value can be born: the data, the forward
+    pass (the first group, in execution order, whose output is not finite), the loss, then backward.
+    Under an fp16 GradScaler a non-finite gradient with a finite loss is an ordinary overflow that the
+    scaler handles (the step is skipped), so it is not a fault here.
+    """
+    step = stats.step
+
+    def origin(phase: str, group: str | None, module: str | None = None, micro: int | None = None) -> Origin:
+        ctx = groups.get(group) if group else None
+        return Origin(
+            phase=phase,  # type: ignore[arg-type]
+            module=module or group,
+            group=group,
+            role=ctx.role if ctx else None,
+            trainable=ctx.trainable if ctx else None,
+            micro_batch=micro,
+        )
+
+    bad_inputs = [(m, k, v) for m, k, v in stats.inputs if not math.isfinite(v)]
+    if bad_inputs:
+        micro, key, value = bad_inputs[0]
+        keys = sorted({k for _, k, _ in bad_inputs})
+        f = Finding.of(
+            "nonfinite_input",
+            f"step {step}: the batch input `{key}` contains {'NaN' if math.isnan(value) else 'Inf'} "
+            f"(micro-batch {micro}); the fault is in the data, not the model",
+            f"check the data pipeline for `{key}` (e.g. a division by a zero std in normalisation); "
+            "filter such samples in the collator",
+            step=step,
+            phase="data",
+        )
+        o = Origin(phase="data", module=key, micro_batch=micro)
+        return f, o, {"non-finite inputs": ", ".join(keys)}
+
+    loss_bad = [(i, v) for i, v in enumerate(stats.losses) if not math.isfinite(v)]
+    unsupervised = [i for i, n in enumerate(stats.supervised) if n == 0]
+    if unsupervised and (loss_bad or not stats.losses):
+        micro = unsupervised[0]
+        f = Finding.of(
+            "no_supervision",
+            f"step {step}: micro-batch {micro} has no target tokens (all labels are -100)"
+            + (f", so its loss is {stats.losses[micro]}" if micro < len(stats.losses) else ""),
+            "image tokens or a long prompt probably filled model_max_length and truncation cut the answer: "
+            "raise model_max_length or drop samples whose labels are all -100",
+            step=step,
+            phase="data",
+        )
+        return f, Origin(phase="data", module="labels", micro_batch=micro), {"supervised tokens": stats.supervised}
+
+    bad_out = _first_bad_output(stats)
+    grads_bad = not stats.grads_finite and not stats.scaler_active
+    if not loss_bad and not grads_bad:
+        return None
+    evidence: dict[str, Any] = {}
+    if loss_bad:
+        micro, value = loss_bad[0]
+        kind, what = "nonfinite_loss", f"the raw loss is {value} (micro-batch {micro})"
+        evidence["raw loss per micro-batch"] = stats.losses
+    else:
+        kind, what = "nonfinite_grad", "the loss is finite but gradients are not"
+    bad_grads = {g: n for g, n in stats.group_nonfinite.items() if n}
+    if bad_grads:
+        evidence["groups with non-finite gradients"] = ", ".join(f"{g} ({n} tensors)" for g, n in bad_grads.items())
+
+    if bad_out is not None:
+        # Born in the forward pass: the first group, in execution order, whose output is not finite.
+        group, micro, _ = bad_out
+        ctx = groups.get(group)
+        state = "trainable" if ctx and ctx.trainable else "frozen"
+        where = f"the first non-finite value appeared in the forward output of `{group}` ({state})"
+        evidence["first non-finite forward output"] = f"{group} (micro-batch {micro})"
+        finite_before = [f"{g}: {a:.3g}" for g, m, a in stats.group_outputs if m == micro and math.isfinite(a)]
+        if finite_before:
+            evidence["finite outputs before it (abs-max)"] = ", ".join(finite_before)
+        o, hint = origin("forward", group, micro=micro), (
+            f"look inside `{group}`: fp16 overflow (switch to bf16 or keep it in fp32), a too-high learning "
+            "rate, or a numerically unsafe op (log, sqrt, division) in its forward"
+        )
+    elif loss_bad:
+        where = "every group's forward output was finite, so the loss computation itself produced it"
+        o, hint = origin("forward", None, micro=loss_bad[0][0]), (
+            "check the loss inputs: logits overflowing in fp16, labels out of range, or a custom loss"
+        )
+    else:
+        # Born in the backward pass: the first group, in backward order, with a non-finite gradient.
+        group = first_bad_grad_group or next(iter(bad_grads))
+        where = f"in backward order the first non-finite gradient belongs to `{group}`"
+        o, hint = origin("backward", group), (
+            f"a backward-only failure in `{group}`: fully masked attention rows, a custom autograd function, "
+            "or an attention-kernel backward bug"
+        )
+    f = Finding.of(kind, f"step {step}: {what}; {where}", hint, o.group, step=step, phase=o.phase)
+    return f, o, evidence
+
+
+def _robust_z(x: float, window: deque[float]) -> tuple[float, float]:
+    med = statistics.median(window)
+    mad = statistics.median(abs(v - med) for v in window)
+    scale = 1.4826 * mad + 1e-12 * max(1.0, abs(med))
+    return (x - med) / scale, med
+
+
+@dataclass
+class Trends:
+    """Rolling state for the trend detectors (spikes, explosions, collapse, dead gradients, fp16 scale)."""
+
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    losses: deque[float] = field(default_factory=deque)
+    norms: dict[str, deque[float]] = field(default_factory=dict)
+    start_losses: list[float] = field(default_factory=list)
+    near_zero: int = 0
+    collapsed: bool = False
+    dead: dict[str, int] = field(default_factory=dict)
+    reported_dead: set[str] = field(default_factory=set)
+    scaler_skips: int = 0
+    scaler_reported: bool = False
+
+    def update(self, stats: StepStats, groups: Mapping[str, GroupContext]) -> list[Finding]:
+        th = self.thresholds
+        out: list[Finding] = []
+        step = stats.step
+        loss = stats.loss
+        if loss is not None and math.isfinite(loss):
+            out += self._loss(step, loss)
+        for name, ctx in groups.items():
+            if not ctx.trainable:
+                continue
+            norm = stats.group_norm.get(name)
+            fired = stats.group_fired.get(name, 0)
+            nonzero = stats.group_nonzero.get(name, 0)
+            if fired == 0 or nonzero == 0:
+                self.dead[name] = self.dead.get(name, 0) + 1
+            else:
+                self.dead[name] = 0
+            if self.dead[name] >= th.dead_steps and name not in self.reported_dead:
+                self.reported_dead.add(name)
+                why = "no gradient at all (.grad stayed None)" if fired == 0 else "an exactly zero gradient"
+                out.append(
+                    Finding.of(
+                        "dead_gradient",
+                        f"{name} is trainable but got {why} for {self.dead[name]} consecutive steps",
+                        "check that its forward is not under torch.no_grad or detached, and that gradient "
+                        "checkpointing uses use_reentrant=False (or call model.enable_input_require_grads())",
+                        name,
+                        severity="error" if ctx.expected else "warning",
+                        step=step,
+                        phase="backward",
+                    )
+                )
+            if norm is not None and math.isfinite(norm) and norm > 0:
+                out += self._norm(step, name, norm)
+        if stats.scaler_active:
+            out += self._scaler(step, stats)
+        return out
+
+    def _loss(self, step: int, loss: float) -> list[Finding]:
+        th = self.thresholds
+        out = []
+        if len(self.start_losses) < 10:
+            self.start_losses.append(loss)
+        if len(self.losses) >= th.warmup:
+            z, med = _robust_z(loss, self.losses)
+            if z > th.spike_z and loss > th.spike_ratio * med:
+                out.append(
+                    Finding.of(
+                        "loss_spike",
+                        f"step {step}: loss {loss:.4g} is {loss / med:.1f}x its recent median {med:.4g} "
+                        f"(robust z {z:.0f})",
+                        "lower the learning rate or add warm-up; check the batch at this step",
+                        step=step,
+                        phase="forward",
+                    )
+                )
+        self.losses.append(loss)
+        while len(self.losses) > th.window:
+            self.losses.popleft()
+        start = statistics.median(self.start_losses)
+        if start > 1e-2 and abs(loss) < th.collapse_fraction * start:
+            self.near_zero += 1
+        else:
+            self.near_zero = 0
+        if self.near_zero >= th.collapse_steps and not self.collapsed:
+            self.collapsed = True
+            out.append(
+                Finding.of(
+                    "loss_collapse",
+                    f"step {step}: the loss has been ~0 ({loss:.2g}) for {self.near_zero} steps after starting "
+                    f"at {start:.3g}",
+                    "check that labels do not leak into the inputs and that the answer tokens are supervised",
+                    step=step,
+                    phase="forward",
+                )
+            )
+        return out
+
+    def _norm(self, step: int, name: str, norm: float) -> list[Finding]:
+        th = self.thresholds
+        hist = self.norms.setdefault(name, deque())
+        out = []
+        log_norm = math.log10(norm)
+        if len(hist) >= th.warmup:
+            z, med = _robust_z(log_norm, hist)
+            if z > th.spike_z and log_norm - med > math.log10(th.explosion_ratio):
+                out.append(
+                    Finding.of(
+                        "grad_explosion",
+                        f"step {step}: {name}'s pre-clip gradient norm {norm:.3g} is "
+                        f"{10 ** (log_norm - med):.0f}x its recent median {10**med:.3g}",
+                        "lower the learning rate (or this group's), keep max_grad_norm on, check the batch",
+                        name,
+                        step=step,
+                        phase="backward",
+                    )
+                )
+        hist.append(log_norm)
+        while len(hist) > th.window:
+            hist.popleft()
+        return out
+
+    def _scaler(self, step: int, stats: StepStats) -> list[Finding]:
+        skipped = not stats.grads_finite
+        self.scaler_skips = self.scaler_skips + 1 if skipped else 0
+        if self.scaler_skips >= self.thresholds.scaler_skips and not self.scaler_reported:
+            self.scaler_reported = True
+            scale = f" to {stats.loss_scale:.3g}" if stats.loss_scale is not None else ""
+            return [
+                Finding.of(
+                    "loss_scale_collapse",
+                    f"step {step}: the fp16 GradScaler skipped {self.scaler_skips} steps in a row and the loss "
+                    f"scale fell{scale}: the model overflows fp16 every step",
+                    "train in bf16, or find the overflowing module (GradGuard's report names it) and keep it "
+                    "in fp32",
+                    step=step,
+                    phase="optimizer",
+                )
+            ]
+        return []
+
+    # -- resume ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "losses": list(self.losses),
+            "norms": {k: list(v) for k, v in self.norms.items()},
+            "start_losses": self.start_losses,
+            "dead": self.dead,
+            "reported_dead": sorted(self.reported_dead),
+            "collapsed": self.collapsed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.losses = deque(state.get("losses", []))
+        self.norms = {k: deque(v) for k, v in state.get("norms", {}).items()}
+        self.start_losses = list(state.get("start_losses", []))
+        self.dead = dict(state.get("dead", {}))
+        self.reported_dead = set(state.get("reported_dead", []))
+        self.collapsed = bool(state.get("collapsed", False))

@@ -1,0 +1,574 @@
+"""``Guard``: the framework-free engine. Integrations (the HF Trainer callback, Lightning) are thin
+adapters around it; a hand-written loop uses it directly::
+
+    guard = Guard(model, optimizer)                 # 1: audit + hooks
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        if not guard.check():                       # 2: before optimizer.step(); False = stop
+            break
+        optimizer.step(); optimizer.zero_grad()
+    guard.close()                                   # 3: remove hooks, write the report
+
+Data flow per optimizer step: probes (hooks, device tensors) -> one packed tensor -> one host sync ->
+detectors (pure) -> policy (skip the update / stop / raise / warn) -> history and report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import warnings
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gradguard.core.audit import Audit, audit_requires_grad, optimizer_param_ids, summarize
+from gradguard.engine import policy
+from gradguard.engine.detectors import GroupContext, StepStats, Thresholds, Trends, detect_fault
+from gradguard.engine.history import History
+from gradguard.engine.probes import Probes
+from gradguard.errors import TrainingHealthError
+from gradguard.report.model import Fault, Finding, Origin, Report
+
+log = logging.getLogger("gradguard")
+
+OnFault = Literal["stop", "raise", "warn"]
+_ON_FAULT = ("stop", "raise", "warn")
+
+
+class Guard:
+    """Watch a model's training: record, detect, attribute, and stop before a poisoned update.
+
+    Args:
+        model: the module being trained (a PeftModel, a DDP/FSDP-wrapped module, a compiled one …).
+        optimizer: checked for coverage of the trainable parameters (optional).
+        expect_trainable: group names, roles or globs that must train (``["vpm", "resampler"]``,
+            ``["vision", "connector"]``). Violations are errors; without it, gradguard only warns.
+        on_fault: ``"stop"`` (skip the poisoned update, stop, write the report), ``"raise"`` (the same,
+            then raise :class:`TrainingHealthError`), ``"warn"`` (record and go on).
+        report_dir: where ``gradguard-report.json`` / ``.md`` go (``None``: not written).
+        groups: overrides of group detection, ``{"glob over param paths": "group[:role]"}``.
+        thresholds: :class:`Thresholds` or a dict of its fields.
+        strict: let gradguard's own exceptions propagate (tests); by default an internal error disables
+            gradguard loudly and training goes on.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> guard = Guard(model, opt, console=False)
+    >>> model(torch.randn(2, 4)).sum().backward()
+    >>> guard.check()
+    True
+    >>> guard.close().status
+    'healthy'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any | None = None,
+        *,
+        expect_trainable: str | Sequence[str] | None = None,
+        on_fault: OnFault = "stop",
+        report_dir: str | os.PathLike[str] | None = None,
+        groups: Mapping[str, str] | None = None,
+        thresholds: Thresholds | Mapping[str, Any] | None = None,
+        strict: bool = False,
+        console: bool = True,
+        history_size: int = 2048,
+        param_check_every: int = 100,
+        scaler: Any | None = None,
+        start: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Guard expects the torch.nn.Module being trained, got {type(model).__name__}"
+            )
+        if on_fault not in _ON_FAULT:
+            raise ValueError(f"on_fault must be one of {', '.join(map(repr, _ON_FAULT))}, got {on_fault!r}")
+        if param_check_every < 1:
+            raise ValueError(f"param_check_every must be >= 1, got {param_check_every}")
+        self.model = model
+        self.optimizer = optimizer
+        self.expect_trainable = expect_trainable
+        self.on_fault: OnFault = on_fault
+        self.report_dir = Path(report_dir) if report_dir is not None else None
+        self.group_overrides = dict(groups) if groups else None
+        self.thresholds = Thresholds.from_dict(thresholds)  # type: ignore[arg-type]
+        self.strict = strict
+        self.console = console
+        self.param_check_every = param_check_every
+        self.scaler = scaler
+
+        self.step = 0  # optimizer steps checked so far (1-based numbering in reports)
+        self.findings: list[Finding] = []
+        self.repeats: dict[tuple[str, str | None], int] = {}
+        self.fault: Fault | None = None
+        self.stopped = False
+        self.disabled = False
+        self.skipped_steps: list[int] = []
+        self.nonfinite_loss_steps: list[int] = []
+        self.history = History(history_size)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=16)  # full-resolution tail for the report
+        self.trends = Trends(self.thresholds)
+        self.last: StepStats | None = None
+        self.audit: Audit | None = None
+        self.probes: Probes | None = None
+        self._poison_let_through = False
+        self._pending_stop: Finding | None = None
+        self._module_norms: torch.Tensor | None = None
+        self._closed = False
+        self.environment: dict[str, Any] = {}
+        if start:
+            self.start()
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self, optimizer: Any | None = None) -> Audit:
+        """Build groups, run the static audit, attach the probes. Returns the audit.
+
+        A static error (a group in ``expect_trainable`` that is frozen, trainable parameters missing
+        from the optimizer, nothing trainable) is a fault at step 0: the policy applies before the
+        first step.
+        """
+        if optimizer is not None:
+            self.optimizer = optimizer
+        audit = audit_requires_grad(self.model, self.expect_trainable, self.optimizer, self.group_overrides)
+        self.audit = audit
+        gmap = audit.group_map
+        assert gmap is not None
+        expected: set[str] = set()
+        for sel in [self.expect_trainable] if isinstance(self.expect_trainable, str) else self.expect_trainable or []:
+            expected |= {g.name for g in gmap.match(sel)}
+        self.contexts = {g.name: GroupContext(g.name, g.role, g.trainable, g.name in expected) for g in gmap}
+        self._record(audit.findings)
+        self.environment = environment(self.model, self.optimizer, self.scaler)
+        try:
+            self.probes = Probes(self.model, gmap, on_error=self._internal_error)
+            self.probes.attach()
+        except Exception as exc:
+            self._internal_error(exc)
+        errors = [f for f in audit.findings if f.severity == "error"]
+        if errors:
+            first = errors[0]
+            ctx = self.contexts.get(first.group or "")
+            origin = Origin(
+                phase="static",
+                module=first.group,
+                group=first.group,
+                role=ctx.role if ctx else None,
+                trainable=ctx.trainable if ctx else None,
+            )
+            self._fault(first, origin, {"static errors": len(errors)})
+        return audit
+
+    def close(self) -> Report:
+        """Remove every hook, run the final checks and write the report (idempotent)."""
+        if self._closed:
+            return self.report()
+        self._closed = True
+        if self.probes is not None:
+            self.probes.detach()
+        if not self.disabled and self.step:
+            try:
+                if not params_finite(self.model) and not any(f.kind == "nonfinite_param" for f in self.findings):
+                    self._record(
+                        [
+                            Finding.of(
+                                "nonfinite_param",
+                                f"after step {self.step}: some trainable weights are not finite",
+                                "resume from a checkpoint taken before the first fault",
+                                step=self.step,
+                                phase="optimizer",
+                            )
+                        ]
+                    )
+            except Exception as exc:
+                self._internal_error(exc)
+        report = self.report()
+        self.write(report)
+        if self.console:
+            self.print(report)
+        return report
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def check(self, step: int | None = None) -> bool:
+        """Call after backward (and clipping) and before ``optimizer.step()``.
+
+        Reads this step's statistics with one host sync, runs the detectors and applies the policy.
+        Returns ``True`` when training may go on; on a fault with ``on_fault="stop"`` the poisoned update
+        is skipped (every ``.grad`` is set to ``None``) and ``False`` is returned; with ``"raise"`` a
+        :class:`TrainingHealthError` follows.
+        """
+        self.step = step if step is not None else self.step + 1
+        if self.stopped:
+            policy.skip_update(self.model, self.optimizer)
+            self._reset_probes()
+            return False
+        if self.disabled or self.probes is None:
+            return True
+        try:
+            stats, device_fault = self._collect()
+            fault = self._decide(stats, device_fault)
+        except TrainingHealthError:
+            raise
+        except Exception as exc:
+            self._internal_error(exc)
+            return True
+        finally:
+            self._reset_probes()
+        if fault and self.on_fault != "warn":
+            return False
+        return True
+
+    def _reset_probes(self) -> None:
+        if self.probes is not None:
+            self.probes.reset()
+
+    def _collect(self) -> tuple[StepStats, bool]:
+        """Pack this step's device tensors, agree across ranks, and read them with one host sync."""
+        probes = self.probes
+        assert probes is not None
+        device = _device_of(self.model)
+        red = probes.reduce_grads(device)
+        micro = probes.micro
+        losses = [m.loss for m in micro if m.loss is not None]
+        supervised = [m.supervised for m in micro]
+        inputs = [(m.index, k, v) for m in micro for k, v in m.inputs]
+        outs = probes.group_outputs
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        scaler_active = isinstance(scale, torch.Tensor)
+        check_params = self.step % self.param_check_every == 0
+
+        def vec(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([t.to(device).float().reshape(()) for t in ts]) if ts else red["norms"][:0]
+
+        parts = {
+            "losses": vec(losses),
+            "supervised": vec([s for s in supervised if s is not None]),
+            "inputs": vec([v for _, _, v in inputs]),
+            "outputs": vec([v for _, _, v in outs]),
+            "group_sumsq": red["group_sumsq"],
+            "group_nonfinite": red["group_nonfinite"],
+            "group_nonzero": red["group_nonzero"],
+            "scale": vec([scale]) if scaler_active else red["norms"][:0],
+            "params_bad": vec([params_bad(self.model)]) if check_params else red["norms"][:0],
+        }
+        # Device-side fault flag, agreed across ranks in the same collective as nothing else is.
+        watched = [parts["losses"], parts["inputs"]] + ([] if scaler_active else [parts["group_sumsq"]])
+        local_bad = (~torch.isfinite(torch.cat(watched))).any() if watched else torch.zeros((), dtype=torch.bool)
+        flags = policy.agree(local_bad.to(device), pending=self._pending_stop is not None)
+        parts["flags"] = flags
+        sizes = [p.numel() for p in parts.values()]
+        packed = torch.cat([p.reshape(-1).float() for p in parts.values()]).tolist()  # the one host sync
+        values: dict[str, list[float]] = {}
+        at = 0
+        for key, n in zip(parts, sizes):
+            values[key] = packed[at : at + n]
+            at += n
+
+        names = probes.group_names
+        sup_iter = iter(values["supervised"])
+        fired = probes.fired_per_group()
+        stats = StepStats(
+            step=self.step,
+            losses=values["losses"],
+            supervised=[int(next(sup_iter)) if s is not None else None for s in supervised],
+            inputs=[(m, k, v) for (m, k, _), v in zip(inputs, values["inputs"])],
+            group_outputs=[(names[g], m, v) for (g, m, _), v in zip(outs, values["outputs"])],
+            group_norm={n: math.sqrt(v) if v >= 0 else v for n, v, f in zip(names, values["group_sumsq"], fired) if f},
+            group_nonfinite={n: int(v) for n, v in zip(names, values["group_nonfinite"])},
+            group_nonzero={n: int(v) for n, v in zip(names, values["group_nonzero"])},
+            group_fired=dict(zip(names, fired)),
+            scaler_active=scaler_active,
+            loss_scale=values["scale"][0] if values["scale"] else None,
+        )
+        self._module_norms = red["module_norms"]
+        if values["params_bad"] and values["params_bad"][0] > 0:
+            self._record(
+                [
+                    Finding.of(
+                        "nonfinite_param",
+                        f"before step {self.step}: some trainable weights are not finite",
+                        "resume from a checkpoint taken before the first fault",
+                        step=self.step,
+                        phase="optimizer",
+                    )
+                ]
+            )
+        self.rank_flags = [int(v) for v in values["flags"]]
+        return stats, any(self.rank_flags)
+
+    def _decide(self, stats: StepStats, agreed_bad: bool) -> Fault | None:
+        self.last = stats
+        probes = self.probes
+        assert probes is not None
+        first_bad_grad = None
+        if not stats.grads_finite:
+            first_bad_grad = self._first_bad_grad_group()
+        found = detect_fault(stats, self.contexts, first_bad_grad)
+        trend_findings = self.trends.update(stats, self.contexts)
+        if stats.loss is not None and not math.isfinite(stats.loss):
+            self.nonfinite_loss_steps.append(stats.step)
+        if stats.scaler_active and not stats.grads_finite and found is None:
+            self.skipped_steps.append(stats.step)
+        self._record(trend_findings)
+        self._add_history(stats)
+        pending = self._pending_stop
+        if pending is None:
+            pending = next((f for f in trend_findings if f.severity == "error"), None)
+        if found is None and not agreed_bad and pending is None:
+            return None
+        if found is None and pending is not None and not agreed_bad and policy.world() > 1:
+            # A host-side error (e.g. a dead expected group): tell the other ranks at the next step.
+            self._pending_stop = pending
+            return None
+        if found is not None:
+            finding, origin, evidence = found
+            self._record([finding])
+        elif pending is not None:
+            finding = pending
+            ctx = self.contexts.get(finding.group or "")
+            origin = Origin(
+                phase=finding.phase or "backward",
+                module=finding.group,
+                group=finding.group,
+                role=ctx.role if ctx else None,
+                trainable=ctx.trainable if ctx else None,
+            )
+            evidence = {}
+        else:
+            finding = Finding.of(
+                "nonfinite_grad",
+                f"step {stats.step}: another rank found a non-finite value; all ranks stop together",
+                "read the report written by rank 0: it names the rank where the fault began",
+                step=stats.step,
+                phase="backward",
+            )
+            origin, evidence = Origin(phase="backward"), {}
+        if policy.world() > 1:
+            origin.rank = next((r for r, f in enumerate(self.rank_flags) if f), policy.rank())
+            evidence["ranks with the fault"] = [r for r, f in enumerate(self.rank_flags) if f]
+        evidence.update(self._top_modules())
+        if self.on_fault == "warn":
+            self._poison_let_through |= finding.kind.startswith("nonfinite")
+        else:
+            policy.skip_update(self.model, self.optimizer)
+        return self._fault(finding, origin, evidence)
+
+    def _fault(self, finding: Finding, origin: Origin, evidence: dict[str, Any]) -> Fault:
+        """Record the fault and apply the policy (the update itself was already skipped or let through)."""
+        if finding not in self.findings:
+            self._record([finding])
+        if self.fault is not None:  # "warn": keep the first fault, the findings keep the rest
+            return self.fault
+        if finding.kind == "nonfinite_loss" and self._masked_in_logs():
+            evidence["logged as"] = (
+                "Trainer's logging_nan_inf_filter shows this NaN loss as 0.0 (or a stale average): "
+                "`loss 0.0, grad_norm nan` in the logs is this fault"
+            )
+        static = origin.phase == "static"
+        self.fault = Fault(
+            step=0 if static else self.step,
+            kind=finding.kind,
+            code=finding.code,
+            message=finding.message,
+            origin=origin,
+            weights_intact=static
+            or (self.on_fault != "warn" and not self._poison_let_through and params_finite(self.model)),
+            evidence=evidence,
+        )
+        if self.on_fault == "warn":
+            return self.fault
+        self.stopped = True
+        log.error("gradguard: %s at step %s: %s", finding.code, self.fault.step, finding.message)
+        if self.on_fault == "raise":
+            report = self.close()
+            raise TrainingHealthError(
+                f"{finding.code} {finding.kind} at step {self.fault.step}: {finding.message}", report.to_dict()
+            )
+        return self.fault
+
+    def _masked_in_logs(self) -> bool:
+        # Overridden by the HF integration, which knows logging_nan_inf_filter; plain loops log nothing.
+        return False
+
+    def _first_bad_grad_group(self) -> str | None:
+        probes = self.probes
+        assert probes is not None
+        order = [i for i in dict.fromkeys(probes.grad_order) if probes.grad_slots[i] is not None]
+        if not order:
+            return None
+        values = torch.stack([probes.grad_slots[i] for i in order]).tolist()  # type: ignore[misc]  # fault path
+        bad = next((i for i, v in zip(order, values) if not math.isfinite(v)), None)
+        return None if bad is None else probes.group_names[probes.param_group[bad]]
+
+    def _top_modules(self, k: int = 5) -> dict[str, Any]:
+        """The modules with the largest (or non-finite) gradient norms at this step (fault path only)."""
+        if self._module_norms is None or self.probes is None or not self.probes.modules:
+            return {}
+        norms = self._module_norms.tolist()
+        mods = self.probes.modules
+        bad = [m for m, v in zip(mods, norms) if not math.isfinite(v)]
+        finite = sorted(((v, m) for m, v in zip(mods, norms) if math.isfinite(v)), reverse=True)[:k]
+        out: dict[str, Any] = {}
+        if bad:
+            out["modules with non-finite gradients"] = ", ".join(bad[:k]) + (f" (+{len(bad) - k})" if len(bad) > k else "")
+        if finite:
+            out["largest finite gradient norms"] = ", ".join(f"{m}: {v:.3g}" for v, m in finite)
+        return out
+
+    def _add_history(self, s: StepStats) -> None:
+        row = {
+            "loss": s.loss,
+            "supervised": sum(n for n in s.supervised if n is not None) if s.supervised else None,
+            "norms": dict(s.group_norm),
+        }
+        self.history.add(s.step, row)
+        self.recent.append({"step": s.step, **row})
+
+    # -- findings and containment -------------------------------------------------------------------
+    def _record(self, findings: Sequence[Finding]) -> None:
+        for f in findings:
+            key = (f.code, f.group)
+            if f.step is not None and key in self.repeats:
+                self.repeats[key] += 1  # the same problem again (on_fault="warn"): count, don't grow
+                continue
+            if f.step is not None:
+                self.repeats[key] = 0
+            self.findings.append(f)
+            if f.severity != "info":
+                log.warning("gradguard %s %s: %s", f.code, f.kind, f.message)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        if self.strict:
+            raise exc
+        if self.disabled:
+            return
+        self.disabled = True
+        if self.probes is not None:
+            try:
+                self.probes.detach()
+            except Exception:  # pragma: no cover - detaching must not fail twice
+                pass
+        msg = f"gradguard disabled itself after an internal error ({type(exc).__name__}: {exc}); training goes on"
+        log.error(msg, exc_info=exc)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        self.findings.append(
+            Finding.of("internal_error", msg, "please report it; GradGuard(strict=True) re-raises it", step=self.step)
+        )
+
+    # -- output ------------------------------------------------------------------------------------------
+    def report(self) -> Report:
+        gmap = self.audit.group_map if self.audit else None
+        opt_ids = None
+        if self.optimizer is not None:
+            try:
+                opt_ids = optimizer_param_ids(self.optimizer)
+            except TypeError:
+                opt_ids = None
+        groups = [summarize(g, opt_ids) for g in gmap] if gmap else []
+        history = self.history.to_dict([g.name for g in groups])
+        history["recent"] = list(self.recent)
+        history["nonfinite_loss_steps"] = self.nonfinite_loss_steps[-100:]
+        history["skipped_steps"] = self.skipped_steps[-100:]
+        history["repeated_findings"] = {f"{c} {g or ''}".strip(): n for (c, g), n in self.repeats.items() if n}
+        status = "fault" if self.fault is not None else "healthy"
+        return Report(
+            status=status,
+            fault=self.fault,
+            findings=list(self.findings),
+            groups=groups,
+            history=history,
+            environment={**self.environment, "steps": self.step, "disabled": self.disabled},
+        )
+
+    def write(self, report: Report | None = None) -> Path | None:
+        if self.report_dir is None or policy.rank() != 0:
+            return None
+        try:
+            return (report or self.report()).save(self.report_dir)
+        except Exception as exc:
+            self._internal_error(exc)
+            return None
+
+    def print(self, report: Report | None = None) -> None:
+        if policy.rank() != 0:
+            return
+        from rich.console import Console
+
+        Console(stderr=True).print(report or self.report())
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "history": self.history.state_dict(),
+            "trends": self.trends.state_dict(),
+            "nonfinite_loss_steps": self.nonfinite_loss_steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        self.history.load_state_dict(state.get("history", {}))
+        self.trends.load_state_dict(state.get("trends", {}))
+        self.nonfinite_loss_steps = list(state.get("nonfinite_loss_steps", []))
+        self.skipped_steps = list(state.get("skipped_steps", []))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
+
+
+def params_bad(model: nn.Module) -> torch.Tensor:
+    """Count of trainable parameter tensors holding a non-finite value (device tensor, no sync)."""
+    ps = [p for p in model.parameters() if p.requires_grad and not p.is_meta]
+    if not ps:
+        return torch.zeros(())
+    locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in ps]
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), ord=math.inf).float() for t in locals_])
+    return (~torch.isfinite(norms)).sum()
+
+
+def params_finite(model: nn.Module) -> bool:
+    return int(params_bad(model).item()) == 0
+
+
+def environment(model: nn.Module, optimizer: Any, scaler: Any) -> dict[str, Any]:
+    dtypes: dict[str, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = str(p.dtype).removeprefix("torch.")
+            dtypes[key] = dtypes.get(key, 0) + p.numel()
+    env: dict[str, Any] = {
+        "gradguard": __import__("gradguard").__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(_device_of(model)),
+        "trainable_dtypes": dtypes,
+        "fp16_scaler": scaler is not None,
+        "world_size": policy.world(),
+    }
+    for mod in ("transformers", "peft", "accelerate", "lightning"):
+        if mod in sys.modules:
+            env[mod] = getattr(sys.modules[mod], "__version__", "?")
+    if optimizer is not None:
+        env["optimizer"] = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    return env

@@ -1,0 +1,276 @@
+"""Probes: hooks that collect, never decide.
+
+Everything a hook records stays on the device as 0-d tensors; :meth:`Probes.collect` turns one optimizer
+step's worth into a single packed tensor, so the guard reads it with one host sync.
+
+- gradients: ``register_post_accumulate_grad_hook`` on every trainable parameter. It fires during
+  backward, before clipping (clipping with a NaN total norm turns every gradient into NaN, hiding the
+  origin), and also on FSDP2's DTensor parameters (where ``register_hook`` does not fire).
+- the raw loss, supervised-token count and input finiteness: one forward hook (with kwargs) on the top
+  model, reading ``outputs.loss`` before the Trainer's bookkeeping can filter it.
+- forward finiteness per group: a forward hook on each group's root module, reducing the primary output
+  to its abs-max (NaN/Inf propagate through max; no temporary the size of the activation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradguard.core.groups import GroupMap
+
+IGNORE_INDEX = -100
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 / tensor parallel), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """abs-max as fp32 0-d tensor; NaN if any element is NaN. No activation-sized temporary."""
+    t = _local(t.detach())
+    if t.numel() == 0:
+        return torch.zeros((), device=t.device)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return torch.linalg.vector_norm(t, ord=math.inf).float()
+
+
+def grad_norm(g: torch.Tensor) -> torch.Tensor:
+    """L2 norm of a gradient as a fp32 0-d tensor (sparse, complex, DTensor and fp16 aware)."""
+    g = _local(g.detach())
+    if g.is_sparse:
+        g = g.coalesce().values()
+    if g.dtype == torch.float16:  # a norm above 65504 would overflow to inf in fp16 itself
+        return torch.linalg.vector_norm(g, dtype=torch.float32)
+    return torch.linalg.vector_norm(g).float()
+
+
+def primary_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a module's output is mostly about: itself, the first of a tuple, ``last_hidden_state``…"""
+    if isinstance(out, torch.Tensor):
+        return out if out.is_floating_point() or out.is_complex() else None
+    if isinstance(out, dict):  # ModelOutput is a dict
+        for key in ("last_hidden_state", "logits", "hidden_states", "image_embeds"):
+            v = out.get(key)
+            if isinstance(v, torch.Tensor):
+                return primary_tensor(v)
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        values = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    else:
+        return None
+    for v in values:
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            return v
+    return None
+
+
+def find_loss(out: Any) -> torch.Tensor | None:
+    """``outputs.loss`` for a ModelOutput/dict, or the output itself when it is a scalar tensor."""
+    if isinstance(out, torch.Tensor):
+        return out if out.dim() == 0 and out.is_floating_point() else None
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
+
+
+def rng_state() -> dict[str, Any]:
+    """CPU and CUDA generator states (host-side copies; no device sync)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class MicroBatch:
+    """What one forward call of the top model recorded (device tensors, no host sync)."""
+
+    index: int
+    loss: torch.Tensor | None = None
+    supervised: torch.Tensor | None = None  # count of labels != -100
+    inputs: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (key, abs-max)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+class Probes:
+    """Installs and removes gradguard's hooks, and accumulates one optimizer step's observations."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gmap: GroupMap,
+        *,
+        capture_batches: bool = True,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.gmap = gmap
+        self.capture_batches = capture_batches
+        self._on_error = on_error
+        self._handles: list[RemovableHandle] = []
+        self.group_names = list(gmap.groups)
+        # Trainable parameters, in a fixed order; their group and module index for on-device reductions.
+        self.params: list[tuple[str, nn.Parameter]] = []
+        self.param_group: list[int] = []
+        self.param_module: list[int] = []
+        self.modules: list[str] = []
+        module_ix: dict[str, int] = {}
+        group_ix = {g: i for i, g in enumerate(self.group_names)}
+        for info in gmap.by_param.values():
+            if not info.param.requires_grad:
+                continue
+            mod = info.path.rsplit(".", 1)[0] if "." in info.path else info.path
+            self.params.append((info.name, info.param))
+            self.param_group.append(group_ix[info.group])
+            self.param_module.append(module_ix.setdefault(mod, len(module_ix)))
+        self.modules = list(module_ix)
+        self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for i, (_, p) in enumerate(self.params):
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+        if self.capture_batches:
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_hook))
+        self._handles.append(self.model.register_forward_hook(self._top_hook, with_kwargs=True))
+        for gi, name in enumerate(self.group_names):
+            for module in self.gmap.roots.get(name, []):
+                if module is self.model:
+                    continue
+                self._handles.append(module.register_forward_hook(self._group_hook(gi)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def reset(self) -> None:
+        """Forget the current step (after it was collected, or when a step is abandoned)."""
+        self.grad_slots: list[torch.Tensor | None] = [None] * len(self.params)
+        self.grad_order: list[int] = []  # param indices in the order their grads were accumulated
+        self.group_outputs: list[tuple[int, int, torch.Tensor]] = []  # (group, micro-batch, abs-max)
+        self.micro: list[MicroBatch] = []
+        self._pending_rng: dict[str, Any] = {}
+
+    # -- hooks (collect only; an exception is contained by the guard) --------------------------------
+    def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            try:
+                g = param.grad
+                if g is not None:
+                    self.grad_slots[i] = grad_norm(g)
+                    self.grad_order.append(i)
+            except Exception as exc:  # never let a probe kill the backward pass
+                self._fail(exc)
+
+        return hook
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        # RNG state at the start of each forward, so a replay sees the same dropout masks.
+        if torch.is_grad_enabled():
+            self._pending_rng = rng_state()
+
+    def _top_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        try:
+            if not torch.is_grad_enabled():
+                return  # evaluation / generation: not a training micro-batch
+            mb = MicroBatch(index=len(self.micro))
+            loss = find_loss(out)
+            if loss is not None:
+                mb.loss = loss.detach().float()
+            labels = kwargs.get("labels")
+            if isinstance(labels, torch.Tensor):
+                mb.supervised = (labels != IGNORE_INDEX).sum()
+            for key, value in [*kwargs.items(), *((f"arg{i}", a) for i, a in enumerate(args))]:
+                if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+                    mb.inputs.append((key, _absmax(value)))
+            if self.capture_batches:
+                mb.args, mb.kwargs, mb.rng = args, kwargs, self._pending_rng
+            self.micro.append(mb)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _group_hook(self, gi: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            try:
+                t = primary_tensor(out)
+                if t is not None:
+                    self.group_outputs.append((gi, len(self.micro), _absmax(t)))
+            except Exception as exc:
+                self._fail(exc)
+
+        return hook
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._on_error is None:
+            raise exc
+        self._on_error(exc)
+
+    # -- per-step reduction (on device) ----------------------------------------------------------------
+    def reduce_grads(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-param norms and their per-group / per-module reductions, all on ``device``."""
+        n = len(self.params)
+        zero = torch.zeros((), device=device)
+        norms = torch.stack([s.to(device) if s is not None else zero for s in self.grad_slots]) if n else zero[None][:0]
+        if device not in self._index_cache:
+            self._index_cache[device] = (
+                torch.tensor(self.param_group, device=device, dtype=torch.long),
+                torch.tensor(self.param_module, device=device, dtype=torch.long),
+            )
+        gidx, midx = self._index_cache[device]
+        sq = norms.square()
+        g = len(self.group_names)
+        group_sumsq = torch.zeros(g, device=device).index_add_(0, gidx, sq)
+        finite = torch.isfinite(norms)
+        group_nonfinite = torch.zeros(g, device=device).index_add_(0, gidx, (~finite).float())
+        group_nonzero = torch.zeros(g, device=device).index_add_(0, gidx, (norms != 0).float())
+        module_sumsq = torch.zeros(len(self.modules), device=device).index_add_(0, midx, sq)
+        return {
+            "norms": norms,
+            "group_sumsq": group_sumsq,
+            "group_nonfinite": group_nonfinite,
+            "group_nonzero": group_nonzero,
+            "module_norms": module_sumsq.sqrt(),
+        }
+
+    def fired_per_group(self) -> list[int]:
+        counts = [0] * len(self.group_names)
+        for i, s in enumerate(self.grad_slots):
+            if s is not None:
+                counts[self.param_group[i]] += 1
+        return counts
+
+    def trainable_tensors_per_group(self) -> list[int]:
+        counts = [0] * len(self.group_names)
+        for gi in self.param_group:
+            counts[gi] += 1
+        return counts

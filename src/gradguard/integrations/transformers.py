@@ -1,0 +1,221 @@
+"""``GradGuard``: the Hugging Face ``Trainer`` callback (works unchanged in TRL's trainers).
+
+A thin adapter: the Trainer's events drive :class:`gradguard.engine.guard.Guard`.
+
+- ``on_train_begin``: groups, static audit (intent, optimizer coverage), hooks.
+- ``on_pre_optimizer_step``: after all micro-batches' backward and after clipping, before
+  ``optimizer.step()`` - the last moment to keep a poisoned update out of the weights. The pre-clip
+  gradient statistics were captured during backward.
+- ``on_log``: adds gradguard's values (per-group grad norms, non-finite loss steps, supervised tokens) to
+  the Trainer's logs, so they reach TensorBoard / W&B, and explains a ``loss 0.0`` that is really NaN.
+- ``on_train_end``: removes the hooks, writes ``gradguard-report.json`` / ``.md`` to ``report_dir``
+  (default: the Trainer's ``output_dir``) and prints the summary.
+- checkpoints: gradguard's history and baselines are saved in the Trainer's ``stateful_callbacks`` and
+  picked up again on ``resume_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from gradguard.engine.guard import Guard, OnFault
+from gradguard.report.model import Finding
+
+
+class _TrainerGuard(Guard):
+    masked_by_filter = True
+
+    def _masked_in_logs(self) -> bool:
+        return self.masked_by_filter
+
+
+class GradGuard(TrainerCallback, ExportableState):
+    """Drop-in training-health guard for ``transformers.Trainer``.
+
+    >>> from gradguard import GradGuard
+    >>> callback = GradGuard(expect_trainable=["vpm", "resampler"])   # doctest: +SKIP
+    >>> Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()  # doctest: +SKIP
+
+    Args mirror :class:`~gradguard.engine.guard.Guard`: ``expect_trainable``, ``on_fault``
+    (``"stop"``, ``"raise"``, ``"warn"``), ``report_dir`` (default: ``args.output_dir``), ``groups``,
+    ``thresholds``, ``strict``; ``log_module_norms=True`` also logs per-module gradient norms at
+    ``logging_steps``.
+    """
+
+    def __init__(
+        self,
+        expect_trainable: str | Sequence[str] | None = None,
+        on_fault: OnFault = "stop",
+        report_dir: str | None = None,
+        groups: Mapping[str, str] | None = None,
+        thresholds: Mapping[str, Any] | None = None,
+        strict: bool = False,
+        console: bool = True,
+        log_module_norms: bool = False,
+    ) -> None:
+        # Validate eagerly: a typo should fail when the Trainer is built, not after data loading.
+        if on_fault not in ("stop", "raise", "warn"):
+            raise ValueError(f"on_fault must be 'stop', 'raise' or 'warn', got {on_fault!r}")
+        self.expect_trainable = [expect_trainable] if isinstance(expect_trainable, str) else expect_trainable
+        self.on_fault: OnFault = on_fault
+        self.report_dir = report_dir
+        self.groups = dict(groups) if groups else None
+        self.thresholds = dict(thresholds) if thresholds else None
+        self.strict = strict
+        self.console = console
+        self.log_module_norms = log_module_norms
+        self.guard: _TrainerGuard | None = None
+        self._resume: dict[str, Any] | None = None
+        self._masked_reported = False
+        self._last_logged_step = 0
+
+    # -- Trainer events -----------------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs.get("model")
+        optimizer = kwargs.get("optimizer")
+        if model is None:
+            raise ValueError("GradGuard needs the model: use it as a Trainer callback (callbacks=[GradGuard()])")
+        self._put_first_for_logging()
+        guard = _TrainerGuard(
+            model,
+            optimizer,
+            expect_trainable=self.expect_trainable,
+            on_fault=self.on_fault,
+            report_dir=self.report_dir or args.output_dir,
+            groups=self.groups,
+            thresholds=self.thresholds,
+            strict=self.strict,
+            console=self.console and state.is_world_process_zero,
+            scaler=getattr(optimizer, "scaler", None),
+            start=False,
+        )
+        guard.masked_by_filter = bool(getattr(args, "logging_nan_inf_filter", False))
+        self.guard = guard
+        resume = self._resume
+        if resume is None and state.global_step > 0:
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+            saved = saved[0] if isinstance(saved, list) and saved else saved
+            resume = (saved or {}).get("attributes", {}).get("_resume") if isinstance(saved, dict) else None
+        if resume:
+            guard.load_state_dict(resume)
+        self._last_logged_step = state.global_step
+        guard.start()
+        if guard.stopped:
+            control.should_training_stop = True
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.guard is None:
+            return
+        if not self.guard.check(step=state.global_step + 1):
+            control.should_training_stop = True
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.guard is not None and self.guard.stopped:
+            control.should_training_stop = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        guard = self.guard
+        if guard is None or logs is None or "loss" not in logs:
+            return
+        window = [s for s in guard.nonfinite_loss_steps if self._last_logged_step < s <= state.global_step]
+        self._last_logged_step = state.global_step
+        values = self.log_values()
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+        if window and guard.masked_by_filter and not self._masked_reported:
+            self._masked_reported = True
+            guard._record(
+                [
+                    Finding.of(
+                        "masked_nonfinite_log",
+                        f"the Trainer logged loss {logs['loss']} at step {state.global_step}, but the raw loss "
+                        f"was NaN/Inf at step(s) {', '.join(map(str, window[:10]))}: logging_nan_inf_filter "
+                        "hides it",
+                        "read gradguard's report (or set logging_nan_inf_filter=False) to see the real loss",
+                        step=state.global_step,
+                    )
+                ]
+            )
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.guard is not None and self.guard.report_dir is not None:
+            self.guard.write()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.guard is not None:
+            self.guard.close()
+
+    # -- values for the Trainer's logs ---------------------------------------------------------------------
+    def log_values(self) -> dict[str, float]:
+        guard = self.guard
+        if guard is None or guard.last is None:
+            return {}
+        last = guard.last
+        out: dict[str, float] = {f"gradguard/grad_norm/{g}": v for g, v in last.group_norm.items()}
+        out["gradguard/nonfinite_loss_steps"] = float(len(guard.nonfinite_loss_steps))
+        supervised = [n for n in last.supervised if n is not None]
+        if supervised:
+            out["gradguard/supervised_tokens"] = float(sum(supervised))
+        if last.loss is not None:
+            out["gradguard/raw_loss"] = last.loss
+        if self.log_module_norms and guard._module_norms is not None and guard.probes is not None:
+            for name, v in zip(guard.probes.modules, guard._module_norms.tolist()):
+                out[f"gradguard/module_grad_norm/{name}"] = v
+        return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
+
+    # -- checkpoints (transformers' ExportableState) -----------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {
+                "expect_trainable": self.expect_trainable,
+                "on_fault": self.on_fault,
+                "report_dir": self.report_dir,
+                "groups": self.groups,
+                "thresholds": self.thresholds,
+                "strict": self.strict,
+                "console": self.console,
+                "log_module_norms": self.log_module_norms,
+            },
+            "attributes": {"_resume": self.guard.state_dict() if self.guard else None},
+        }
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _put_first_for_logging(self) -> None:
+        """Run before the reporting callbacks in ``on_log``, so TensorBoard / W&B see gradguard's keys.
+
+        Callbacks get no handle on the Trainer; the CallbackHandler is the caller of this event. A new
+        list is assigned (never mutated in place), so the event loop iterating the old one is unaffected.
+        """
+        frame = inspect.currentframe()
+        try:
+            caller = frame.f_back.f_back if frame and frame.f_back else None
+            handler = caller.f_locals.get("self") if caller else None
+            callbacks = getattr(handler, "callbacks", None)
+            if isinstance(callbacks, list) and self in callbacks:
+                handler.callbacks = [self] + [c for c in callbacks if c is not self]  # type: ignore[union-attr]
+        finally:
+            del frame

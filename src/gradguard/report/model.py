@@ -1,0 +1,204 @@
+"""The report: one model that every output (console, JSON, Markdown, plot) is rendered from.
+
+The JSON form follows ``schema.json`` beside this file (``"schema": "gradguard.report/1"``). Fields are
+only ever added within a schema version; ``Report.from_dict(report.to_dict()) == report``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gradguard.codes import Severity, rule
+
+SCHEMA = "gradguard.report/1"
+Phase = Literal["static", "data", "forward", "backward", "optimizer"]
+Status = Literal["healthy", "fault"]
+
+
+@dataclass
+class Finding:
+    """One thing gradguard noticed. ``code`` and ``kind`` come from :mod:`gradguard.codes`."""
+
+    code: str
+    kind: str
+    severity: Severity
+    group: str | None
+    message: str
+    hint: str
+    step: int | None = None
+    phase: Phase | None = None
+
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        message: str,
+        hint: str,
+        group: str | None = None,
+        *,
+        severity: Severity | None = None,
+        step: int | None = None,
+        phase: Phase | None = None,
+    ) -> Finding:
+        """Build a finding of ``kind``, taking code and default severity from the rule table."""
+        r = rule(kind)
+        return cls(r.code, r.kind, severity or r.severity, group, message, hint, step, phase)
+
+
+@dataclass
+class Origin:
+    """Where a fault began: the phase, and the module / group it was first seen in."""
+
+    phase: Phase
+    module: str | None = None
+    group: str | None = None
+    role: str | None = None
+    trainable: bool | None = None
+    rank: int | None = None
+    micro_batch: int | None = None
+
+
+@dataclass
+class Fault:
+    step: int
+    kind: str
+    code: str
+    message: str
+    origin: Origin
+    weights_intact: bool
+    evidence: dict[str, Any] = field(default_factory=dict)
+    localization: dict[str, Any] | None = None  # filled by the replay (gradguard.engine.localize)
+
+
+@dataclass
+class GroupSummary:
+    """A group's parameter counts (numels). ``trainable`` counts base + adapter parameters."""
+
+    name: str
+    role: str
+    params: int  # base parameters (adapters excluded)
+    trainable: int
+    frozen: int
+    adapter_params: int
+    adapter_trainable: int
+    tensors: int
+    state: Literal["trainable", "frozen", "partial", "adapters"]
+    dtypes: list[str] = field(default_factory=list)
+    in_optimizer: int | None = None  # trainable numel found in the optimizer, when one was given
+
+
+@dataclass
+class Report:
+    status: Status = "healthy"
+    fault: Fault | None = None
+    findings: list[Finding] = field(default_factory=list)
+    groups: list[GroupSummary] = field(default_factory=list)
+    history: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    @property
+    def ok(self) -> bool:
+        """No fault and no error finding."""
+        return self.fault is None and not any(f.severity == "error" for f in self.findings)
+
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    # -- (de)serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # schema first, for people reading the file
+        return {"schema": d.pop("schema"), **d}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"not a gradguard report (schema {found!r}, expected {SCHEMA!r}); "
+                "pass the gradguard-report.json written by GradGuard or Guard"
+            )
+        fault = data.get("fault")
+        return cls(
+            status=data["status"],
+            fault=None
+            if fault is None
+            else Fault(**{**fault, "origin": Origin(**fault["origin"])}),
+            findings=[Finding(**f) for f in data.get("findings", [])],
+            groups=[GroupSummary(**g) for g in data.get("groups", [])],
+            history=data.get("history", {}),
+            environment=data.get("environment", {}),
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(_jsonable(self.to_dict()), indent=indent, allow_nan=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Report:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "gradguard-report.json"
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no report at {p}: GradGuard writes gradguard-report.json into report_dir "
+                "(default: the Trainer's output_dir)"
+            ) from None
+        return cls.from_dict(data)
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``gradguard-report.json`` and ``gradguard-report.md`` into ``folder`` atomically."""
+        from gradguard.report.render import to_markdown
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "gradguard-report.json"
+        atomic_write(path, self.to_json())
+        atomic_write(out / "gradguard-report.md", to_markdown(self))
+        return path
+
+    def __rich__(self) -> Any:
+        from gradguard.report.render import console_renderable
+
+        return console_renderable(self)
+
+    def __str__(self) -> str:
+        from gradguard.report.render import to_text
+
+        return to_text(self)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Strict JSON: NaN and Inf (the values this library exists to report) become the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"``; ``float()`` reads them back."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj).replace("nan", "NaN").replace("inf", "Infinity")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # a 0-d tensor or numpy scalar
+        return _jsonable(obj.item())
+    return obj
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees a half-written file (temp file + rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
