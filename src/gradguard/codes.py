@@ -169,8 +169,7 @@ LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"
         "partial_freeze",
         "info",
         "a group is partly frozen",
-        "Inside one group, a small minority of the base parameter tensors differs in `requires_grad` "
-        "from the rest.",
+        "Inside one group, a small minority of the base parameter tensors differs in `requires_grad` from the rest.",
         "Often intended (frozen embeddings, frozen first layers) but sometimes an accident: a name "
         "filter that matched too much or too little.",
         """
@@ -220,8 +219,7 @@ model = AutoModelForCausalLM.from_config(cfg)   # or load_checkpoint_and_dispatc
         "nonfinite_loss",
         "error",
         "the loss is NaN or Inf",
-        "The raw loss of a micro-batch (the model's `outputs.loss`, before Trainer's bookkeeping) is not "
-        "finite.",
+        "The raw loss of a micro-batch (the model's `outputs.loss`, before Trainer's bookkeeping) is not finite.",
         "Every gradient of the step becomes NaN, and without a GradScaler (bf16, fp32) the optimizer "
         "writes NaN into the weights; after that every step is NaN. Hugging Face Trainer's "
         "`logging_nan_inf_filter` (on by default) then logs `loss 0.0`, which hides it: "
@@ -267,8 +265,7 @@ class Bad(torch.autograd.Function):      # identity forward, NaN backward
         "a weight is NaN or Inf",
         "A trainable parameter holds a non-finite value (checked at train begin, periodically, at the end, "
         "and after any step that was allowed to proceed with a fault).",
-        "Once a weight is NaN, every later forward pass is NaN: the model is lost unless you go back to a "
-        "checkpoint.",
+        "Once a weight is NaN, every later forward pass is NaN: the model is lost unless you go back to a checkpoint.",
         """
 GradGuard(on_fault="warn")   # lets a NaN gradient through; AdamW writes it into the weights
 """,
@@ -282,8 +279,7 @@ GradGuard(on_fault="stop")   # default: the poisoned update is skipped, weights 
         "nonfinite_input",
         "error",
         "the batch contains NaN or Inf",
-        "A floating-point input of the batch (`pixel_values`, `inputs_embeds`, audio features …) is not "
-        "finite.",
+        "A floating-point input of the batch (`pixel_values`, `inputs_embeds`, audio features …) is not finite.",
         "The fault is in the data, not the model: a corrupt image, a division by a zero std in "
         "normalisation, a bad cached feature. Training on it poisons the weights.",
         """
@@ -334,8 +330,7 @@ labels = input_ids.clone()   # with a model that does not shift labels: it learn
         "the loss spiked",
         "The loss jumped far above its recent level (median + k × MAD over a window of the run's own "
         "history; no fixed threshold).",
-        "Spikes often precede divergence (peft#3073); a learning rate too high or a bad batch are the "
-        "usual causes.",
+        "Spikes often precede divergence (peft#3073); a learning rate too high or a bad batch are the usual causes.",
         """
 TrainingArguments(learning_rate=5e-3, warmup_steps=0)
 """,
@@ -443,16 +438,12 @@ def rule(code_or_kind: str) -> Rule:
     key = code_or_kind.strip()
     found = RULES.get(key.upper()) or BY_KIND.get(key)
     if found is None:
-        raise KeyError(
-            f"unknown finding code or kind {code_or_kind!r}; known codes: {', '.join(RULES)}"
-        )
+        raise KeyError(f"unknown finding code or kind {code_or_kind!r}; known codes: {', '.join(RULES)}")
     return found
 
 
 def docs_index() -> str:
-    rows = "\n".join(
-        f"| [{r.code}]({r.code}.md) | `{r.kind}` | {r.severity} | {r.title} |" for r in _RULES
-    )
+    rows = "\n".join(f"| [{r.code}]({r.code}.md) | `{r.kind}` | {r.severity} | {r.title} |" for r in _RULES)
     return (
         "# Finding codes\n\n"
         "Generated from `src/gradguard/codes.py` (`python -m gradguard.codes docs/codes`); also shown by "

@@ -43,9 +43,7 @@ class Audit:
         return not any(f.severity == "error" for f in self.findings)
 
     def to_report(self) -> Report:
-        return Report(
-            status="healthy" if self.ok else "fault", findings=list(self.findings), groups=list(self.groups)
-        )
+        return Report(status="healthy" if self.ok else "fault", findings=list(self.findings), groups=list(self.groups))
 
     def to_dict(self) -> dict[str, Any]:
         d = self.to_report().to_dict()
@@ -99,8 +97,7 @@ def optimizer_param_ids(optimizer: Any) -> set[int]:
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer (something with .param_groups), got "
-            f"{type(optimizer).__name__}"
+            f"optimizer must be a torch.optim.Optimizer (something with .param_groups), got {type(optimizer).__name__}"
         )
     return {id(p) for g in groups for p in g["params"]}
 
@@ -135,9 +132,7 @@ def resolve_intent(gmap: GroupMap, expect_trainable: str | Iterable[str] | None)
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") or any(
-        hasattr(m, "adapter_layer_names") for m in model.modules()
-    )
+    return hasattr(model, "peft_config") or any(hasattr(m, "adapter_layer_names") for m in model.modules())
 
 
 def audit_requires_grad(
@@ -256,8 +251,7 @@ def check_intent(
                     Finding.of(
                         "trainable_expected_frozen",
                         f"{_describe(s)}; not in expect_trainable",
-                        f"freeze it (model.{g.name}.requires_grad_(False)) or add {g.name!r} to "
-                        "expect_trainable",
+                        f"freeze it (model.{g.name}.requires_grad_(False)) or add {g.name!r} to expect_trainable",
                         g.name,
                         phase="static",
                     )
@@ -290,8 +284,7 @@ def check_optimizer(gmap: GroupMap, opt_ids: set[int]) -> list[Finding]:
                     "frozen_in_optimizer",
                     f"{g.name}: {fmt_count(n)} frozen params in {len(frozen_in)} tensors are in the optimizer "
                     f"(e.g. {frozen_in[0].name}); they will never be updated",
-                    "build the optimizer from [p for p in model.parameters() if p.requires_grad], after "
-                    "freezing",
+                    "build the optimizer from [p for p in model.parameters() if p.requires_grad], after freezing",
                     g.name,
                     phase="static",
                 )
@@ -382,8 +375,7 @@ def check_dtypes(gmap: GroupMap) -> list[Finding]:
                 Finding.of(
                     "fp16_trainable",
                     f"{g.name}: {fmt_count(n)} trainable params are stored in float16",
-                    "keep trainable weights in float32 and let fp16=True / autocast handle compute; or use "
-                    "bf16",
+                    "keep trainable weights in float32 and let fp16=True / autocast handle compute; or use bf16",
                     g.name,
                     phase="static",
                 )

@@ -171,11 +171,7 @@ class GroupMap:
         if hits:
             return hits
         # A name that is a parent or child path of a group ("llm" for "llm.model", or "vpm.encoder").
-        return [
-            g
-            for n, g in self.groups.items()
-            if n.startswith(selector + ".") or selector.startswith(n + ".")
-        ]
+        return [g for n, g in self.groups.items() if n.startswith(selector + ".") or selector.startswith(n + ".")]
 
 
 def _is_adapter_param(modules: Mapping[str, nn.Module], name: str) -> bool:
@@ -294,9 +290,7 @@ def _parse_override(target: str) -> tuple[str, Role | None]:
     if ":" in target:
         name, role = target.rsplit(":", 1)
         if role not in ROLES:
-            raise ValueError(
-                f"unknown role {role!r} in group override {target!r}; use one of {', '.join(ROLES)}"
-            )
+            raise ValueError(f"unknown role {role!r} in group override {target!r}; use one of {', '.join(ROLES)}")
         return name, role  # type: ignore[return-value]
     return target, None
 

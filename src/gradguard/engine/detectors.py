@@ -43,9 +43,7 @@ class Thresholds:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(
-                f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}"
-            )
+            raise ValueError(f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -169,22 +167,29 @@ def detect_fault(
         finite_before = [f"{g}: {a:.3g}" for g, m, a in stats.group_outputs if m == micro and math.isfinite(a)]
         if finite_before:
             evidence["finite outputs before it (abs-max)"] = ", ".join(finite_before)
-        o, hint = origin("forward", group, micro=micro), (
-            f"look inside `{group}`: fp16 overflow (switch to bf16 or keep it in fp32), a too-high learning "
-            "rate, or a numerically unsafe op (log, sqrt, division) in its forward"
+        o, hint = (
+            origin("forward", group, micro=micro),
+            (
+                f"look inside `{group}`: fp16 overflow (switch to bf16 or keep it in fp32), a too-high learning "
+                "rate, or a numerically unsafe op (log, sqrt, division) in its forward"
+            ),
         )
     elif loss_bad:
         where = "every group's forward output was finite, so the loss computation itself produced it"
-        o, hint = origin("forward", None, micro=loss_bad[0][0]), (
-            "check the loss inputs: logits overflowing in fp16, labels out of range, or a custom loss"
+        o, hint = (
+            origin("forward", None, micro=loss_bad[0][0]),
+            ("check the loss inputs: logits overflowing in fp16, labels out of range, or a custom loss"),
         )
     else:
         # Born in the backward pass: the first group, in backward order, with a non-finite gradient.
         group = first_bad_grad_group or next(iter(bad_grads))
         where = f"in backward order the first non-finite gradient belongs to `{group}`"
-        o, hint = origin("backward", group), (
-            f"a backward-only failure in `{group}`: fully masked attention rows, a custom autograd function, "
-            "or an attention-kernel backward bug"
+        o, hint = (
+            origin("backward", group),
+            (
+                f"a backward-only failure in `{group}`: fully masked attention rows, a custom autograd function, "
+                "or an attention-kernel backward bug"
+            ),
         )
     f = Finding.of(kind, f"step {step}: {what}; {where}", hint, o.group, step=step, phase=o.phase)
     return f, o, evidence
@@ -325,8 +330,7 @@ class Trends:
                     "loss_scale_collapse",
                     f"step {step}: the fp16 GradScaler skipped {self.scaler_skips} steps in a row and the loss "
                     f"scale fell{scale}: the model overflows fp16 every step",
-                    "train in bf16, or find the overflowing module (GradGuard's report names it) and keep it "
-                    "in fp32",
+                    "train in bf16, or find the overflowing module (GradGuard's report names it) and keep it in fp32",
                     step=step,
                     phase="optimizer",
                 )

@@ -86,12 +86,12 @@ class Guard:
         history_size: int = 2048,
         param_check_every: int = 100,
         scaler: Any | None = None,
+        localize: bool = True,
+        trace: Literal["full"] | None = None,
         start: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"Guard expects the torch.nn.Module being trained, got {type(model).__name__}"
-            )
+            raise TypeError(f"Guard expects the torch.nn.Module being trained, got {type(model).__name__}")
         if on_fault not in _ON_FAULT:
             raise ValueError(f"on_fault must be one of {', '.join(map(repr, _ON_FAULT))}, got {on_fault!r}")
         if param_check_every < 1:
@@ -107,6 +107,10 @@ class Guard:
         self.console = console
         self.param_check_every = param_check_every
         self.scaler = scaler
+        self.localize = localize
+        if trace not in (None, "full"):
+            raise ValueError(f"trace must be None or 'full', got {trace!r}")
+        self.trace = trace
 
         self.step = 0  # optimizer steps checked so far (1-based numbering in reports)
         self.findings: list[Finding] = []
@@ -363,13 +367,34 @@ class Guard:
             origin.rank = next((r for r, f in enumerate(self.rank_flags) if f), policy.rank())
             evidence["ranks with the fault"] = [r for r, f in enumerate(self.rank_flags) if f]
         evidence.update(self._top_modules())
+        localization = self._localize(finding, origin)
         if self.on_fault == "warn":
             self._poison_let_through |= finding.kind.startswith("nonfinite")
         else:
             policy.skip_update(self.model, self.optimizer)
-        return self._fault(finding, origin, evidence)
+        return self._fault(finding, origin, evidence, localization)
 
-    def _fault(self, finding: Finding, origin: Origin, evidence: dict[str, Any]) -> Fault:
+    def _localize(self, finding: Finding, origin: Origin) -> dict[str, Any] | None:
+        """Pinpoint the exact module of a non-finite fault (replay of the step; see engine/localize.py)."""
+        if not self.localize or not finding.kind.startswith("nonfinite") or origin.phase == "data":
+            return None
+        try:
+            from gradguard.engine.localize import localize
+
+            return localize(self, finding, origin)
+        except Exception as exc:  # localisation is a bonus: never let it cost the report
+            log.warning("gradguard: could not localise the fault (%s: %s)", type(exc).__name__, exc)
+            if self.strict:
+                raise
+            return None
+
+    def _fault(
+        self,
+        finding: Finding,
+        origin: Origin,
+        evidence: dict[str, Any],
+        localization: dict[str, Any] | None = None,
+    ) -> Fault:
         """Record the fault and apply the policy (the update itself was already skipped or let through)."""
         if finding not in self.findings:
             self._record([finding])
@@ -390,6 +415,7 @@ class Guard:
             weights_intact=static
             or (self.on_fault != "warn" and not self._poison_let_through and params_finite(self.model)),
             evidence=evidence,
+            localization=localization,
         )
         if self.on_fault == "warn":
             return self.fault
@@ -426,7 +452,9 @@ class Guard:
         finite = sorted(((v, m) for m, v in zip(mods, norms) if math.isfinite(v)), reverse=True)[:k]
         out: dict[str, Any] = {}
         if bad:
-            out["modules with non-finite gradients"] = ", ".join(bad[:k]) + (f" (+{len(bad) - k})" if len(bad) > k else "")
+            out["modules with non-finite gradients"] = ", ".join(bad[:k]) + (
+                f" (+{len(bad) - k})" if len(bad) > k else ""
+            )
         if finite:
             out["largest finite gradient norms"] = ", ".join(f"{m}: {v:.3g}" for v, m in finite)
         return out

@@ -44,7 +44,8 @@ class GradGuard(TrainerCallback, ExportableState):
 
     Args mirror :class:`~gradguard.engine.guard.Guard`: ``expect_trainable``, ``on_fault``
     (``"stop"``, ``"raise"``, ``"warn"``), ``report_dir`` (default: ``args.output_dir``), ``groups``,
-    ``thresholds``, ``strict``; ``log_module_norms=True`` also logs per-module gradient norms at
+    ``thresholds``, ``strict``, ``localize`` (replay a faulty step to pinpoint the module), ``trace``
+    (``"full"``: every-module checks on every step); ``log_module_norms=True`` also logs per-module gradient norms at
     ``logging_steps``.
     """
 
@@ -58,6 +59,8 @@ class GradGuard(TrainerCallback, ExportableState):
         strict: bool = False,
         console: bool = True,
         log_module_norms: bool = False,
+        localize: bool = True,
+        trace: str | None = None,
     ) -> None:
         # Validate eagerly: a typo should fail when the Trainer is built, not after data loading.
         if on_fault not in ("stop", "raise", "warn"):
@@ -70,6 +73,8 @@ class GradGuard(TrainerCallback, ExportableState):
         self.strict = strict
         self.console = console
         self.log_module_norms = log_module_norms
+        self.localize = localize
+        self.trace = trace
         self.guard: _TrainerGuard | None = None
         self._resume: dict[str, Any] | None = None
         self._masked_reported = False
@@ -95,6 +100,8 @@ class GradGuard(TrainerCallback, ExportableState):
             strict=self.strict,
             console=self.console and state.is_world_process_zero,
             scaler=getattr(optimizer, "scaler", None),
+            localize=self.localize,
+            trace=self.trace,  # type: ignore[arg-type]
             start=False,
         )
         guard.masked_by_filter = bool(getattr(args, "logging_nan_inf_filter", False))
@@ -119,9 +126,7 @@ class GradGuard(TrainerCallback, ExportableState):
         if not self.guard.check(step=state.global_step + 1):
             control.should_training_stop = True
 
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.guard is not None and self.guard.stopped:
             control.should_training_stop = True
 
@@ -157,9 +162,7 @@ class GradGuard(TrainerCallback, ExportableState):
                 ]
             )
 
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.guard is not None and self.guard.report_dir is not None:
             self.guard.write()
 
@@ -199,6 +202,8 @@ class GradGuard(TrainerCallback, ExportableState):
                 "strict": self.strict,
                 "console": self.console,
                 "log_module_norms": self.log_module_norms,
+                "localize": self.localize,
+                "trace": self.trace,
             },
             "attributes": {"_resume": self.guard.state_dict() if self.guard else None},
         }

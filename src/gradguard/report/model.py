@@ -128,9 +128,7 @@ class Report:
         fault = data.get("fault")
         return cls(
             status=data["status"],
-            fault=None
-            if fault is None
-            else Fault(**{**fault, "origin": Origin(**fault["origin"])}),
+            fault=None if fault is None else Fault(**{**fault, "origin": Origin(**fault["origin"])}),
             findings=[Finding(**f) for f in data.get("findings", [])],
             groups=[GroupSummary(**g) for g in data.get("groups", [])],
             history=data.get("history", {}),

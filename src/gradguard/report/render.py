@@ -122,8 +122,7 @@ def _fault_panel(report: Report) -> Panel:
     if loc.get("module"):
         lines.append("localized: ", style="bold")
         lines.append(
-            f"{loc['module']} ({loc.get('class', '?')}), {loc.get('phase', '?')} phase; "
-            f"{loc.get('verdict', '')}\n"
+            f"{loc['module']} ({loc.get('class', '?')}), {loc.get('phase', '?')} phase; {loc.get('verdict', '')}\n"
         )
     lines.append(
         "weights: " + ("intact (the poisoned update was skipped)" if f.weights_intact else "MODIFIED") + "\n",
@@ -142,9 +141,7 @@ def console_renderable(report: Report) -> Group:
     else:
         style = "green" if report.ok else "yellow"
         steps = report.history.get("steps") or []
-        parts.append(
-            Text(f"gradguard: {report.status}" + (f" after {steps[-1]} steps" if steps else ""), style=style)
-        )
+        parts.append(Text(f"gradguard: {report.status}" + (f" after {steps[-1]} steps" if steps else ""), style=style))
     if report.groups:
         parts.append(_group_table(report.groups, report.history))
     if report.findings:
