@@ -317,10 +317,12 @@ def check_tied_weights(model: nn.Module) -> list[Finding]:
     outputs = _embedding_weights(model, "get_output_embeddings")
     if not inputs or not outputs:
         return []
-    if any(o is i for o in outputs for i in inputs):
+    # A PEFT modules_to_save wrapper still holds the tied original; the copy next to it is what trains.
+    untied = [o for o in outputs if not any(o is i for i in inputs)]
+    if not untied:
         return []  # still one tensor: one requires_grad
     in_train = any(p.requires_grad for p in inputs)
-    out_train = any(p.requires_grad for p in outputs)
+    out_train = any(p.requires_grad for p in untied)
     if in_train == out_train:
         return []
     trains, frozen = ("output", "input") if out_train else ("input", "output")

@@ -187,15 +187,15 @@ def _is_adapter_param(modules: Mapping[str, nn.Module], name: str) -> bool:
 
 
 def _host_path(name: str) -> str:
-    """Normalised param path with adapter segments removed: ``q_proj.lora_A.default.weight`` -> ``q_proj``."""
+    """Normalised param path without the adapter's name.
+
+    ``q_proj.lora_A.default.weight`` -> ``q_proj.lora_A.weight`` (the host module stays a prefix);
+    ``resampler.modules_to_save.default.proj`` -> ``resampler.proj`` (the copy reads as its original).
+    """
     parts = name.split(".")
     for i, seg in enumerate(parts[:-1]):
         if _ADAPTER_SEGMENT.match(seg):
-            # `modules_to_save.<adapter>.weight` -> keep the param leaf, drop adapter + its key.
-            if seg == "modules_to_save":
-                parts = parts[:i] + parts[i + 2 :]
-            else:
-                parts = parts[:i]
+            parts = parts[:i] + parts[i + 2 :] if seg == "modules_to_save" else parts[: i + 1] + parts[i + 2 :]
             break
     return normalize_name(".".join(parts))
 
@@ -312,10 +312,8 @@ def _assign(
 ) -> tuple[str, Role]:
     for pattern, gname, role in overrides:
         if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path.rsplit(".", 1)[0], pattern):
-            if role is None:
-                hinted = _longest_prefix(gname, candidates)
-                role = candidates[hinted] if hinted else _class_role(modules.get(gname))
-            return gname, role
+            # Without an explicit role, the group keeps the role detection gives these parameters.
+            return gname, role or _assign(path, candidates, modules, [])[1]
     module_path = path.rsplit(".", 1)[0] if "." in path else ""
     hit = _longest_prefix(module_path, candidates) if module_path else None
     if hit is not None:
