@@ -78,7 +78,10 @@ def test_adapters_belong_to_their_host_group_and_are_counted_apart() -> None:
 @pytest.mark.parametrize(
     ("raw", "clean"),
     [
-        ("base_model.model.llm.model.layers.0.self_attn.q_proj.base_layer.weight", "llm.model.layers.0.self_attn.q_proj.weight"),
+        (
+            "base_model.model.llm.model.layers.0.self_attn.q_proj.base_layer.weight",
+            "llm.model.layers.0.self_attn.q_proj.weight",
+        ),
         ("module._orig_mod.lm_head.weight", "lm_head.weight"),
         ("_fsdp_wrapped_module.vpm._checkpoint_wrapped_module.encoder.weight", "vpm.encoder.weight"),
         ("base_model.model.resampler.original_module.proj", "resampler.proj"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradguard.core.groups import ROLES, Group, GroupMap, build_groups
+from gradguard.errors import ConfigurationError
 from gradguard.report.model import Finding, GroupSummary, Report
 
 
@@ -96,7 +97,7 @@ def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSumma
 def optimizer_param_ids(optimizer: Any) -> set[int]:
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
-        raise TypeError(
+        raise ConfigurationError(
             f"optimizer must be a torch.optim.Optimizer (something with .param_groups), got {type(optimizer).__name__}"
         )
     return {id(p) for g in groups for p in g["params"]}
@@ -109,20 +110,20 @@ def resolve_intent(gmap: GroupMap, expect_trainable: str | Iterable[str] | None)
     if isinstance(expect_trainable, str):
         expect_trainable = [expect_trainable]
     if not isinstance(expect_trainable, Iterable):
-        raise TypeError(
+        raise ConfigurationError(
             "expect_trainable must be a list of group names, roles or globs, e.g. ['vpm', 'resampler'] or "
             f"['vision', 'connector']; got {type(expect_trainable).__name__}"
         )
     resolved: dict[str, list[Group]] = {}
     for sel in expect_trainable:
         if not isinstance(sel, str) or not sel:
-            raise TypeError(f"expect_trainable entries must be non-empty strings, got {sel!r}")
+            raise ConfigurationError(f"expect_trainable entries must be non-empty strings, got {sel!r}")
         hits = gmap.match(sel)
         if not hits:
             names = list(gmap.groups)
             close = difflib.get_close_matches(sel, names + list(ROLES), n=3)
             suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
+            raise ConfigurationError(
                 f"expect_trainable entry {sel!r} matches no module group.{suggestion} "
                 f"Groups in this model: {', '.join(names) or '(none)'}; roles: {', '.join(ROLES)}. "
                 "Use a group name, a role, or a glob; or define groups with groups={'pattern*': 'name'}."
@@ -158,7 +159,7 @@ def audit_requires_grad(
     (False, ['vpm', 'resampler'])
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise ConfigurationError(
             f"audit_requires_grad expects a torch.nn.Module, got {type(model).__name__}; pass the model "
             "(for a Trainer: trainer.model)"
         )

@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gradguard.errors import ConfigurationError
+
 Role = Literal["vision", "connector", "language", "head", "other"]
 ROLES: tuple[Role, ...] = ("vision", "connector", "language", "head", "other")
 
@@ -235,7 +237,7 @@ def build_groups(model: nn.Module, overrides: Mapping[str, str] | None = None) -
     [('vision_tower', 'vision'), ('lm_head', 'head')]
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise ConfigurationError(
             f"expected a torch.nn.Module, got {type(model).__name__}: pass the model itself "
             "(for a Trainer, `trainer.model`)"
         )
@@ -290,7 +292,9 @@ def _parse_override(target: str) -> tuple[str, Role | None]:
     if ":" in target:
         name, role = target.rsplit(":", 1)
         if role not in ROLES:
-            raise ValueError(f"unknown role {role!r} in group override {target!r}; use one of {', '.join(ROLES)}")
+            raise ConfigurationError(
+                f"unknown role {role!r} in group override {target!r}; use one of {', '.join(ROLES)}"
+            )
         return name, role  # type: ignore[return-value]
     return target, None
 

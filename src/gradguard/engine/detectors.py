@@ -224,6 +224,19 @@ class Trends:
         loss = stats.loss
         if loss is not None and math.isfinite(loss):
             out += self._loss(step, loss)
+            empty = [i for i, n in enumerate(stats.supervised) if n == 0]
+            if empty:  # a finite loss over no target tokens: a wasted step, not a poisoned one
+                out.append(
+                    Finding.of(
+                        "no_supervision",
+                        f"step {step}: micro-batch {empty[0]} has no target tokens (all labels are -100); "
+                        "the step learned nothing from it",
+                        "raise model_max_length or drop samples whose labels are all -100 in the collator",
+                        severity="warning",
+                        step=step,
+                        phase="data",
+                    )
+                )
         for name, ctx in groups.items():
             if not ctx.trainable:
                 continue
