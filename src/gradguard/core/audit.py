@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSumma
     base_train = sum(p.numel() for p in base if p.requires_grad)
     n_adapt = sum(p.numel() for p in adapters)
     adapt_train = sum(p.numel() for p in adapters if p.requires_grad)
+    state: Literal["trainable", "frozen", "partial", "adapters"]
     if base and base_train == n_base:
         state = "trainable"
     elif base_train:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -153,7 +153,7 @@ class GroupMap:
     roots: dict[str, list[nn.Module]] = field(default_factory=dict, repr=False)
     shared: dict[str, list[str]] = field(default_factory=dict)  # first name -> other names of a shared param
 
-    def __iter__(self) -> Iterable[Group]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Group]:
         return iter(self.groups.values())
 
     def __len__(self) -> int:
@@ -295,7 +295,7 @@ def _parse_override(target: str) -> tuple[str, Role | None]:
             raise ConfigurationError(
                 f"unknown role {role!r} in group override {target!r}; use one of {', '.join(ROLES)}"
             )
-        return name, role  # type: ignore[return-value]
+        return name, role
     return target, None
 
 

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from gradguard.core.audit import Audit, audit_requires_grad, optimizer_param_ids, summarize
-from gradguard.engine import policy
+from gradguard.engine import policy, shutdown
 from gradguard.engine.detectors import GroupContext, StepStats, Thresholds, Trends, detect_fault
 from gradguard.engine.history import History
-from gradguard.engine.probes import Probes
-from gradguard.errors import TrainingHealthError
-from gradguard.report.model import Fault, Finding, Origin, Report
+from gradguard.engine.probes import MicroBatch, Probes
+from gradguard.errors import ConfigurationError, TrainingHealthError
+from gradguard.report.model import Fault, Finding, Origin, Report, atomic_write
 
 log = logging.getLogger("gradguard")
 
@@ -126,10 +126,12 @@ class Guard:
         self.last: StepStats | None = None
         self.audit: Audit | None = None
         self.probes: Probes | None = None
+        self.tracer: Any = None  # engine.trace.Tracer: autocast capture for replays; every module if trace="full"
         self._poison_let_through = False
         self._pending_stop: Finding | None = None
         self._module_norms: torch.Tensor | None = None
         self._closed = False
+        self._loss_upto = 0  # probes.micro entries already paired with a record_loss() call
         self.environment: dict[str, Any] = {}
         if start:
             self.start()
@@ -144,19 +146,33 @@ class Guard:
         """
         if optimizer is not None:
             self.optimizer = optimizer
-        audit = audit_requires_grad(self.model, self.expect_trainable, self.optimizer, self.group_overrides)
-        self.audit = audit
-        gmap = audit.group_map
-        assert gmap is not None
-        expected: set[str] = set()
-        for sel in [self.expect_trainable] if isinstance(self.expect_trainable, str) else self.expect_trainable or []:
-            expected |= {g.name for g in gmap.match(sel)}
-        self.contexts = {g.name: GroupContext(g.name, g.role, g.trainable, g.name in expected) for g in gmap}
-        self._record(audit.findings)
-        self.environment = environment(self.model, self.optimizer, self.scaler)
+        shutdown.register(self)  # an interrupted run still removes its hooks and writes its report
+        try:
+            audit = audit_requires_grad(self.model, self.expect_trainable, self.optimizer, self.group_overrides)
+            self.audit = audit
+            gmap = audit.group_map
+            assert gmap is not None
+            expected: set[str] = set()
+            wanted = self.expect_trainable
+            for sel in [wanted] if isinstance(wanted, str) else wanted or []:
+                expected |= {g.name for g in gmap.match(sel)}
+            self.contexts = {g.name: GroupContext(g.name, g.role, g.trainable, g.name in expected) for g in gmap}
+            self._record(audit.findings)
+            self.environment = environment(self.model, self.optimizer, self.scaler)
+        except ConfigurationError:
+            shutdown.unregister(self)
+            raise  # bad input (an unknown group, a bad role): a clear error before any step runs
+        except Exception as exc:  # a bug of gradguard's: training goes on without it
+            self._internal_error(exc)
+            return Audit(groups=[], findings=list(self.findings))
         try:
             self.probes = Probes(self.model, gmap, on_error=self._internal_error)
             self.probes.attach()
+            if self.localize or self.trace:
+                from gradguard.engine.trace import Tracer
+
+                self.tracer = Tracer(self.model, full=self.trace == "full", on_error=self._internal_error)
+                self.tracer.attach()
         except Exception as exc:
             self._internal_error(exc)
         errors = [f for f in audit.findings if f.severity == "error"]
@@ -180,6 +196,8 @@ class Guard:
         self._closed = True
         if self.probes is not None:
             self.probes.detach()
+        if self.tracer is not None:
+            self.tracer.detach()
         if not self.disabled and self.step:
             try:
                 if not params_finite(self.model) and not any(f.kind == "nonfinite_param" for f in self.findings):
@@ -196,10 +214,25 @@ class Guard:
                     )
             except Exception as exc:
                 self._internal_error(exc)
-        report = self.report()
+        shutdown.unregister(self)
+        try:
+            report = self.report()
+        except Exception as exc:
+            self._internal_error(exc)
+            report = Report(
+                status="fault" if self.fault else "healthy",
+                fault=self.fault,
+                findings=list(self.findings),
+                environment={**self.environment, "steps": self.step, "disabled": True},
+            )
+        if self.console:  # printed first, so that a failure to print is in the file
+            try:
+                self.print(report)
+            except Exception as exc:
+                self._internal_error(exc)
+                report.findings = list(self.findings)
+                report.environment = {**report.environment, "disabled": True}
         self.write(report)
-        if self.console:
-            self.print(report)
         return report
 
     def __enter__(self) -> Guard:
@@ -222,7 +255,7 @@ class Guard:
             policy.skip_update(self.model, self.optimizer)
             self._reset_probes()
             return False
-        if self.disabled or self.probes is None:
+        if self.disabled or self._closed or self.probes is None:
             return True
         try:
             stats, device_fault = self._collect()
@@ -238,16 +271,55 @@ class Guard:
             return False
         return True
 
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Record one micro-batch's loss when the model's forward does not return it (call before backward).
+
+        The guard reads ``outputs.loss`` from the model's forward by itself; a loss computed outside the
+        model (``loss = loss_fn(model(x), y)``) it cannot see. Without it a NaN loss is still caught (as
+        non-finite gradients), but it is not called a loss fault and a collapsing loss goes unnoticed.
+        A loss the model already returned for this micro-batch wins (it is the raw, unscaled one).
+
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 1)
+        >>> guard = Guard(model, console=False)
+        >>> loss = torch.nn.functional.mse_loss(model(torch.randn(2, 4)), torch.zeros(2, 1))
+        >>> guard.record_loss(loss)
+        >>> loss.backward()
+        >>> guard.check(), guard.last.losses == [loss.item()]
+        (True, True)
+        """
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"record_loss expects the scalar loss tensor you call backward() on, got {what}")
+        probes = self.probes
+        if self.disabled or probes is None:
+            return
+        try:
+            value = loss.detach().float().reshape(())  # stays on the device: no host sync here
+            if len(probes.micro) > self._loss_upto:
+                # A forward of the model ran since the last call: this loss belongs to its micro-batch.
+                if probes.micro[-1].loss is None:
+                    probes.micro[-1].loss = value
+            else:
+                # The guarded module's forward did not run (e.g. Lightning calls training_step, not forward).
+                probes.micro.append(MicroBatch(index=len(probes.micro), loss=value))
+            self._loss_upto = len(probes.micro)
+        except Exception as exc:
+            self._internal_error(exc)
+
     def _reset_probes(self) -> None:
+        self._loss_upto = 0
         if self.probes is not None:
             self.probes.reset()
+        if self.tracer is not None:
+            self.tracer.reset()
 
     def _collect(self) -> tuple[StepStats, bool]:
         """Pack this step's device tensors, agree across ranks, and read them with one host sync."""
         probes = self.probes
         assert probes is not None
         device = _device_of(self.model)
-        red = probes.reduce_grads(device)
+        norms = probes.local_norms(device)
         micro = probes.micro
         losses = [m.loss for m in micro if m.loss is not None]
         supervised = [m.supervised for m in micro]
@@ -258,24 +330,33 @@ class Guard:
         check_params = self.step % self.param_check_every == 0
 
         def vec(ts: Sequence[torch.Tensor]) -> torch.Tensor:
-            return torch.stack([t.to(device).float().reshape(()) for t in ts]) if ts else red["norms"][:0]
+            return torch.stack([t.to(device).float().reshape(()) for t in ts]) if ts else norms[:0]
 
         parts = {
             "losses": vec(losses),
             "supervised": vec([s for s in supervised if s is not None]),
             "inputs": vec([v for _, _, v in inputs]),
             "outputs": vec([v for _, _, v in outs]),
-            "group_sumsq": red["group_sumsq"],
-            "group_nonfinite": red["group_nonfinite"],
-            "group_nonzero": red["group_nonzero"],
-            "scale": vec([scale]) if scaler_active else red["norms"][:0],
-            "params_bad": vec([params_bad(self.model)]) if check_params else red["norms"][:0],
         }
-        # Device-side fault flag, agreed across ranks in the same collective as nothing else is.
-        watched = [parts["losses"], parts["inputs"]] + ([] if scaler_active else [parts["group_sumsq"]])
+        # This rank's fault flag (from its own values), and the squared norms of its gradient shards
+        # (FSDP2 / ZeRO): summed over the ranks in ONE small all-reduce, the only collective per step.
+        watched = [parts["losses"], parts["inputs"]] + ([] if scaler_active else [norms])
         local_bad = (~torch.isfinite(torch.cat(watched))).any() if watched else torch.zeros((), dtype=torch.bool)
-        flags = policy.agree(local_bad.to(device), pending=self._pending_stop is not None)
-        parts["flags"] = flags
+        shard_ix, shard_w = probes.shard_index(device)
+        flags, shard_sumsq = policy.agree(
+            local_bad.to(device), pending=self._pending_stop is not None, sumsq=norms[shard_ix].square() * shard_w
+        )
+        if shard_ix.numel():  # full-tensor norms of the sharded parameters, without gathering any tensor
+            norms = norms.index_copy(0, shard_ix, shard_sumsq.sqrt())
+        red = probes.reduce_grads(device, norms)
+        parts.update(
+            group_sumsq=red["group_sumsq"],
+            group_nonfinite=red["group_nonfinite"],
+            group_nonzero=red["group_nonzero"],
+            scale=vec([scale]) if isinstance(scale, torch.Tensor) else norms[:0],
+            params_bad=vec([params_bad(self.model)]) if check_params else norms[:0],
+            flags=flags,
+        )
         sizes = [p.numel() for p in parts.values()]
         packed = torch.cat([p.reshape(-1).float() for p in parts.values()]).tolist()  # the one host sync
         values: dict[str, list[float]] = {}
@@ -336,43 +417,90 @@ class Guard:
             pending = next((f for f in trend_findings if f.severity == "error"), None)
         if found is None and not agreed_bad and pending is None:
             return None
-        if found is None and pending is not None and not agreed_bad and policy.world() > 1:
-            # A host-side error (e.g. a dead expected group): tell the other ranks at the next step.
-            self._pending_stop = pending
+        if not agreed_bad and policy.world() > 1:
+            # Seen here only after this step's flags were agreed (a host-side error such as a dead expected
+            # group): stopping alone would leave the other ranks waiting in their next collective forever.
+            # Raise the flag at the next step instead; all ranks stop together then.
+            self._pending_stop = found[0] if found is not None else pending
             return None
+        self._pending_stop = None
+        local: tuple[Finding, Origin, dict[str, Any]] | None = None  # what this rank saw itself
         if found is not None:
-            finding, origin, evidence = found
-            self._record([finding])
+            local = found
+            self._record([found[0]])
         elif pending is not None:
-            finding = pending
-            ctx = self.contexts.get(finding.group or "")
+            ctx = self.contexts.get(pending.group or "")
             origin = Origin(
-                phase=finding.phase or "backward",
-                module=finding.group,
-                group=finding.group,
+                phase=pending.phase or "backward",
+                module=pending.group,
+                group=pending.group,
                 role=ctx.role if ctx else None,
                 trainable=ctx.trainable if ctx else None,
             )
-            evidence = {}
-        else:
+            local = (pending, origin, {})
+        localization = None
+        if local is not None:
+            local[2].update(self._top_modules())
+            if policy.replay_is_local(self.model):  # a lone rank's replay must not enter a collective
+                localization = self._localize(local[0], local[1])
+        if policy.world() > 1:
+            finding, origin, evidence, localization = self._agree_on_fault(local, localization, stats.step)
+        elif local is not None:
+            finding, origin, evidence = local
+        else:  # flagged on the device, but no detector could say more
             finding = Finding.of(
                 "nonfinite_grad",
-                f"step {stats.step}: another rank found a non-finite value; all ranks stop together",
-                "read the report written by rank 0: it names the rank where the fault began",
+                f"step {stats.step}: a non-finite value was seen in this step's statistics",
+                "rerun with GradGuard(trace='full') to find where it appears",
                 step=stats.step,
                 phase="backward",
             )
             origin, evidence = Origin(phase="backward"), {}
-        if policy.world() > 1:
-            origin.rank = next((r for r, f in enumerate(self.rank_flags) if f), policy.rank())
-            evidence["ranks with the fault"] = [r for r, f in enumerate(self.rank_flags) if f]
-        evidence.update(self._top_modules())
-        localization = self._localize(finding, origin)
         if self.on_fault == "warn":
             self._poison_let_through |= finding.kind.startswith("nonfinite")
         else:
             policy.skip_update(self.model, self.optimizer)
         return self._fault(finding, origin, evidence, localization)
+
+    def _agree_on_fault(
+        self, local: tuple[Finding, Origin, dict[str, Any]] | None, localization: dict[str, Any] | None, step: int
+    ) -> tuple[Finding, Origin, dict[str, Any], dict[str, Any] | None]:
+        """Every rank stops at this step: swap the ranks' own diagnoses, report the one where it began.
+
+        Fault path only (one ``all_gather_object``); every rank ends with the same fault, so the report
+        (written by rank 0) names the origin rank even when rank 0 itself saw nothing wrong.
+        """
+        if self.fault is not None:  # "warn" already reported the first fault; keep this rank's view
+            if local is not None:
+                return (*local, localization)
+            again = Finding.of(
+                "nonfinite_grad",
+                f"step {step}: another rank saw a non-finite value again",
+                "read the report written by rank 0: it names the rank where the fault began",
+                step=step,
+                phase="backward",
+            )
+            return again, Origin(phase="backward"), {}, None
+        view = None
+        if local is not None:
+            view = {"finding": local[0], "origin": local[1], "evidence": local[2], "localization": localization}
+        origin_rank, views = policy.agree_on_fault(view, self.rank_flags)
+        chosen = views[origin_rank] if origin_rank is not None else None
+        if chosen is not None:
+            finding, origin = Finding(**chosen["finding"]), Origin(**chosen["origin"])
+            evidence, localization = dict(chosen["evidence"]), chosen["localization"]
+        else:
+            finding = Finding.of(
+                "nonfinite_grad",
+                f"step {step}: a rank flagged a non-finite value that no detector could attribute",
+                "rerun with GradGuard(trace='full') to find where it appears",
+                step=step,
+                phase="backward",
+            )
+            origin, evidence, localization = Origin(phase="backward"), {}, None
+        origin.rank = origin_rank
+        evidence["ranks"] = policy.rank_summaries(views, self.rank_flags)
+        return finding, origin, evidence, localization
 
     def _localize(self, finding: Finding, origin: Origin) -> dict[str, Any] | None:
         """Pinpoint the exact module of a non-finite fault (replay of the step; see engine/localize.py)."""
@@ -492,9 +620,17 @@ class Guard:
                 self.probes.detach()
             except Exception:  # pragma: no cover - detaching must not fail twice
                 pass
+        if self.tracer is not None:
+            try:
+                self.tracer.detach()
+            except Exception:  # pragma: no cover
+                pass
         msg = f"gradguard disabled itself after an internal error ({type(exc).__name__}: {exc}); training goes on"
         log.error(msg, exc_info=exc)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        try:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        except Exception:  # warnings turned into errors (-W error) must not undo the containment
+            pass
         self.findings.append(
             Finding.of("internal_error", msg, "please report it; GradGuard(strict=True) re-raises it", step=self.step)
         )
@@ -514,9 +650,8 @@ class Guard:
         history["nonfinite_loss_steps"] = self.nonfinite_loss_steps[-100:]
         history["skipped_steps"] = self.skipped_steps[-100:]
         history["repeated_findings"] = {f"{c} {g or ''}".strip(): n for (c, g), n in self.repeats.items() if n}
-        status = "fault" if self.fault is not None else "healthy"
         return Report(
-            status=status,
+            status="fault" if self.fault is not None else "healthy",
             fault=self.fault,
             findings=list(self.findings),
             groups=groups,
@@ -531,6 +666,12 @@ class Guard:
             return (report or self.report()).save(self.report_dir)
         except Exception as exc:
             self._internal_error(exc)
+        try:  # the JSON is what programs read: try it alone, now with the GG901 finding in it
+            path = self.report_dir / "gradguard-report.json"
+            atomic_write(path, self.report().to_json())
+            return path
+        except Exception as exc:
+            log.error("gradguard: could not write the report to %s (%s: %s)", self.report_dir, type(exc).__name__, exc)
             return None
 
     def print(self, report: Report | None = None) -> None:

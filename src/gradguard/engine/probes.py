@@ -25,8 +25,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.core.groups import GroupMap
+from gradguard.engine.policy import shard_weight
 
 IGNORE_INDEX = -100
+MAX_MICRO_BATCHES = 1024  # per optimizer step; far above any real gradient accumulation
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -146,6 +148,15 @@ class Probes:
             self.param_module.append(module_ix.setdefault(mod, len(module_ix)))
         self.modules = list(module_ix)
         self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Parameters whose gradient is split across ranks (FSDP2 / tensor-parallel DTensors; DeepSpeed ZeRO
+        # partitions, registered by gradguard.integrations.deepspeed): a hook sees only this rank's piece,
+        # so the guard sums the weighted squared norms over the ranks (see policy.shard_weight).
+        self.shard_weights: dict[int, float] = {}
+        for i, (_, p) in enumerate(self.params):
+            w = shard_weight(p)
+            if w is not None:
+                self.shard_weights[i] = w
+        self._shard_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -196,8 +207,11 @@ class Probes:
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         # RNG state at the start of each forward, so a replay sees the same dropout masks.
-        if torch.is_grad_enabled():
-            self._pending_rng = rng_state()
+        try:
+            if torch.is_grad_enabled():
+                self._pending_rng = rng_state()
+        except Exception as exc:
+            self._fail(exc)
 
     def _top_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         try:
@@ -215,12 +229,18 @@ class Probes:
                     mb.inputs.append((key, _absmax(value)))
             if self.capture_batches:
                 mb.args, mb.kwargs, mb.rng = args, kwargs, self._pending_rng
+            if len(self.micro) >= MAX_MICRO_BATCHES:
+                # Nobody is calling Guard.check(): keep memory bounded rather than grow forever.
+                self.reset()
+                mb.index = 0
             self.micro.append(mb)
         except Exception as exc:
             self._fail(exc)
 
     def _group_hook(self, gi: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not torch.is_grad_enabled():
+                return  # evaluation / generation
             try:
                 t = primary_tensor(out)
                 if t is not None:
@@ -236,11 +256,36 @@ class Probes:
         self._on_error(exc)
 
     # -- per-step reduction (on device) ----------------------------------------------------------------
-    def reduce_grads(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Per-param norms and their per-group / per-module reductions, all on ``device``."""
-        n = len(self.params)
+    def local_norms(self, device: torch.device) -> torch.Tensor:
+        """This rank's per-parameter gradient norms (0 where no gradient arrived), on ``device``."""
         zero = torch.zeros((), device=device)
-        norms = torch.stack([s.to(device) if s is not None else zero for s in self.grad_slots]) if n else zero[None][:0]
+        if not self.params:
+            return zero[None][:0]
+        return torch.stack([s.to(device) if s is not None else zero for s in self.grad_slots])
+
+    def set_shard_weights(self, weights: dict[int, float]) -> None:
+        """Declare which parameters' gradients are split across ranks (index into ``params`` -> weight)."""
+        self.shard_weights = dict(weights)
+        self._shard_cache.clear()
+
+    def shard_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, weights) of the sharded parameters, cached on ``device`` (no per-step host copy)."""
+        if device not in self._shard_cache:
+            ix = sorted(self.shard_weights)
+            self._shard_cache[device] = (
+                torch.tensor(ix, device=device, dtype=torch.long),
+                torch.tensor([self.shard_weights[i] for i in ix], device=device, dtype=torch.float32),
+            )
+        return self._shard_cache[device]
+
+    def reduce_grads(self, device: torch.device, norms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-param norms and their per-group / per-module reductions, all on ``device``.
+
+        ``norms`` overrides the per-parameter norms (the guard passes them with the sharded entries
+        already summed across ranks); by default this rank's :meth:`local_norms`.
+        """
+        if norms is None:
+            norms = self.local_norms(device)
         if device not in self._index_cache:
             self._index_cache[device] = (
                 torch.tensor(self.param_group, device=device, dtype=torch.long),

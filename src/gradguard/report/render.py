@@ -38,14 +38,17 @@ def _num(x: Any) -> float:
 
 def sparkline(values: Sequence[Any], width: int = 24) -> str:
     """Log-scale sparkline; non-finite values show as ``!``, missing ones as a space."""
-    vals = [_num(v) for v in values][-width:]
-    finite = [math.log10(v) for v in vals if math.isfinite(v) and v > 0]
+    # None = no value that step (a frozen group has no gradient): a space, not a non-finite "!".
+    vals = [None if v is None else _num(v) for v in values][-width:]
+    finite = [math.log10(v) for v in vals if v is not None and math.isfinite(v) and v > 0]
     if not finite:
-        return "".join("!" if not math.isfinite(v) else "·" for v in vals)
+        return "".join(" " if v is None else "!" if not math.isfinite(v) else "·" for v in vals)
     lo, hi = min(finite), max(finite)
     out = []
     for v in vals:
-        if not math.isfinite(v):
+        if v is None:
+            out.append(" ")
+        elif not math.isfinite(v):
             out.append("!")
         elif v <= 0:
             out.append("·")
@@ -68,7 +71,7 @@ def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None 
         table.add_column("grad norm (pre-clip, log)")
         table.add_column("last", justify="right")
     for g in groups:
-        row = [
+        row: list[Any] = [
             g.name,
             g.role,
             Text(g.state, style=_STATE_STYLE.get(g.state, "")),
@@ -77,9 +80,10 @@ def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None 
             _count(g.adapter_params) if g.adapter_params else "-",
         ]
         if norms:
-            series = norms.get(g.name)
-            if series:
-                last = _num(series[-1])
+            series = norms.get(g.name) or []
+            present = [v for v in series if v is not None]
+            if present:
+                last = _num(present[-1])
                 row += [sparkline(series), f"{last:.3g}"]
             else:
                 row += ["", "frozen" if g.trainable == 0 else "no grad"]
@@ -101,6 +105,44 @@ def _finding_lines(findings: Sequence[Finding]) -> Table:
     return table
 
 
+def _localization_lines(loc: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``(label, text)`` lines for a fault's localisation (fields: docs/localization.md)."""
+    if not loc:
+        return []
+    out: list[tuple[str, str]] = []
+    if loc.get("module"):
+        trainable = {True: "trainable", False: "frozen"}.get(loc.get("trainable"), "trainability unknown")
+        how = f"{loc.get('phase') or '?'} phase"
+        if loc.get("micro_batch") is not None:
+            how += f", micro-batch {loc['micro_batch']}"
+        if loc.get("parameter"):
+            how += f", parameter {loc['parameter']}"
+        if loc.get("source") == "trace":
+            how += ", seen by the trace of the original step"
+        out.append(
+            (
+                "localized",
+                f"{loc['module']} ({loc.get('class') or '?'}; group {loc.get('group') or '-'}, "
+                f"role {loc.get('role') or '-'}, {trainable}), {how}",
+            )
+        )
+
+        def fmt(v: Any) -> str:
+            return "-" if v is None else f"{_num(v):.3g}"
+
+        frames = []
+        for fr in (loc.get("frames") or [])[-4:]:  # the ramp into the origin, oldest first
+            if "output_absmax" in fr:
+                frames.append(f"{fr['module']} in {fmt(fr['input_absmax'])} -> out {fmt(fr['output_absmax'])}")
+            else:
+                frames.append(f"{fr.get('parameter') or fr['module']} grad {fmt(fr.get('absmax'))}")
+        if frames:
+            out.append(("abs-max", " | ".join(frames)))
+    if loc.get("verdict"):
+        out.append(("verdict", f"{loc['verdict']}: {loc.get('advice') or loc.get('message') or ''}"))
+    return out
+
+
 def _fault_panel(report: Report) -> Panel:
     f = report.fault
     assert f is not None
@@ -118,12 +160,9 @@ def _fault_panel(report: Report) -> Panel:
     if o.micro_batch is not None:
         lines.append(f", micro-batch {o.micro_batch}")
     lines.append("\n")
-    loc = f.localization or {}
-    if loc.get("module"):
-        lines.append("localized: ", style="bold")
-        lines.append(
-            f"{loc['module']} ({loc.get('class', '?')}), {loc.get('phase', '?')} phase; {loc.get('verdict', '')}\n"
-        )
+    for label, text in _localization_lines(f.localization):
+        lines.append(f"{label}: ", style="bold")
+        lines.append(f"{text}\n")
     lines.append(
         "weights: " + ("intact (the poisoned update was skipped)" if f.weights_intact else "MODIFIED") + "\n",
         style="green" if f.weights_intact else "bold red",
@@ -194,12 +233,7 @@ def to_markdown(report: Report) -> str:
             f"{o.role}, {trainable})" + (f", rank {o.rank}" if o.rank is not None else ""),
             f"- **weights intact**: {'yes' if f.weights_intact else 'NO'}",
         ]
-        loc = f.localization or {}
-        if loc.get("module"):
-            out.append(
-                f"- **localized**: `{loc['module']}` ({loc.get('class', '?')}), {loc.get('phase')} phase; "
-                f"{loc.get('verdict', '')}"
-            )
+        out += [f"- **{label}**: {_md_escape(text)}" for label, text in _localization_lines(f.localization)]
         out += [f"- **{k}**: {v}" for k, v in f.evidence.items()]
         out.append("")
     if report.groups:
@@ -211,7 +245,7 @@ def to_markdown(report: Report) -> str:
             "|---|---|---|---:|---:|---:|---:|",
         ]
         for g in report.groups:
-            series = norms.get(g.name) or []
+            series = [v for v in norms.get(g.name) or [] if v is not None]
             last = f"{_num(series[-1]):.3g}" if series else "-"
             out.append(
                 f"| `{g.name}` | {g.role} | {g.state} | {_count(g.params)} | {_count(g.trainable)} | "
