@@ -116,7 +116,9 @@ class OutputFault(_Injector):
         self.fault, self.phase = fault, phase
 
     def _install(self) -> Any:
-        return self.module.register_forward_hook(self._hook)
+        # prepend: the fault must look as if the module itself produced it, so every other forward hook
+        # (gradguard's probes included, whenever they were attached) sees the faulty output.
+        return self.module.register_forward_hook(self._hook, prepend=True)
 
     def _hook(self, module: nn.Module, args: Any, out: Any) -> Any:
         if not self._due():
@@ -160,7 +162,7 @@ class BatchFault(_Injector):
         self.key, self.make = key, make
 
     def _install(self) -> Any:
-        return self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self.module.register_forward_pre_hook(self._hook, with_kwargs=True, prepend=True)
 
     def _hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
         value = kwargs.get(self.key)
