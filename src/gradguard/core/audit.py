@@ -14,9 +14,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradguard.core.groups import ROLES, Group, GroupMap, build_groups
+from gradguard.core.groups import ROLES, Group, GroupMap, build_groups, param_numel
 from gradguard.errors import ConfigurationError
-from gradguard.report.model import Finding, GroupSummary, Report
+from gradguard.report.model import Fault, Finding, GroupSummary, Origin, Report
 
 
 def fmt_count(n: int) -> str:
@@ -44,7 +44,19 @@ class Audit:
         return not any(f.severity == "error" for f in self.findings)
 
     def to_report(self) -> Report:
-        return Report(status="healthy" if self.ok else "fault", findings=list(self.findings), groups=list(self.groups))
+        # A "fault" report always carries its fault (the schema says so): the first error, at step 0.
+        first = next((f for f in self.findings if f.severity == "error"), None)
+        fault = None
+        if first is not None:
+            group = next((g for g in self.groups if g.name == first.group), None)
+            origin = Origin("static", first.group, first.group, group.role if group else None)
+            fault = Fault(0, first.kind, first.code, first.message, origin, weights_intact=True)
+        return Report(
+            status="healthy" if fault is None else "fault",
+            fault=fault,
+            findings=list(self.findings),
+            groups=list(self.groups),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = self.to_report().to_dict()
@@ -64,10 +76,10 @@ class Audit:
 def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSummary:
     base = [p.param for p in group.base]
     adapters = [p.param for p in group.adapters]
-    n_base = sum(p.numel() for p in base)
-    base_train = sum(p.numel() for p in base if p.requires_grad)
-    n_adapt = sum(p.numel() for p in adapters)
-    adapt_train = sum(p.numel() for p in adapters if p.requires_grad)
+    n_base = sum(param_numel(p) for p in base)
+    base_train = sum(param_numel(p) for p in base if p.requires_grad)
+    n_adapt = sum(param_numel(p) for p in adapters)
+    adapt_train = sum(param_numel(p) for p in adapters if p.requires_grad)
     state: Literal["trainable", "frozen", "partial", "adapters"]
     if base and base_train == n_base:
         state = "trainable"
@@ -79,7 +91,9 @@ def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSumma
         state = "frozen"
     in_opt = None
     if optimizer_ids is not None:
-        in_opt = sum(p.param.numel() for p in group.params if p.param.requires_grad and id(p.param) in optimizer_ids)
+        in_opt = sum(
+            param_numel(p.param) for p in group.params if p.param.requires_grad and id(p.param) in optimizer_ids
+        )
     return GroupSummary(
         name=group.name,
         role=group.role,
@@ -101,7 +115,18 @@ def optimizer_param_ids(optimizer: Any) -> set[int]:
         raise ConfigurationError(
             f"optimizer must be a torch.optim.Optimizer (something with .param_groups), got {type(optimizer).__name__}"
         )
-    return {id(p) for g in groups for p in g["params"]}
+    ids = {id(p) for g in groups for p in g["params"]}
+    # DeepSpeed's ZeRO and bf16 optimizers step flat fp32 partitions: their param_groups hold those, and the
+    # model's own parameters are listed in bit16_groups (ZeRO-1/2), fp16_groups (ZeRO-3) or bf16_groups.
+    # Accelerate wraps them (``.optimizer``), and they wrap the torch optimizer in turn.
+    inner, depth = optimizer, 0
+    while inner is not None and depth < 4:
+        for attr in ("bit16_groups", "fp16_groups", "bf16_groups"):
+            lists = getattr(inner, attr, None)
+            if type(inner).__module__.startswith("deepspeed") and isinstance(lists, list):
+                ids |= {id(p) for group in lists for p in group if isinstance(p, torch.Tensor)}
+        inner, depth = getattr(inner, "optimizer", None), depth + 1
+    return ids
 
 
 def resolve_intent(gmap: GroupMap, expect_trainable: str | Iterable[str] | None) -> dict[str, list[Group]]:
@@ -193,7 +218,7 @@ def check_trainable_at_all(gmap: GroupMap) -> list[Finding]:
             )
         ]
     if not any(info.param.requires_grad for info in gmap.by_param.values()):
-        total = sum(info.param.numel() for info in gmap.by_param.values())
+        total = sum(param_numel(info.param) for info in gmap.by_param.values())
         return [
             Finding.of(
                 "no_trainable_params",
@@ -267,7 +292,7 @@ def check_optimizer(gmap: GroupMap, opt_ids: set[int]) -> list[Finding]:
         missing = [p for p in g.params if p.param.requires_grad and id(p.param) not in opt_ids]
         frozen_in = [p for p in g.params if not p.param.requires_grad and id(p.param) in opt_ids]
         if missing:
-            n = sum(p.param.numel() for p in missing)
+            n = sum(param_numel(p.param) for p in missing)
             findings.append(
                 Finding.of(
                     "not_in_optimizer",
@@ -280,7 +305,7 @@ def check_optimizer(gmap: GroupMap, opt_ids: set[int]) -> list[Finding]:
                 )
             )
         if frozen_in:
-            n = sum(p.param.numel() for p in frozen_in)
+            n = sum(param_numel(p.param) for p in frozen_in)
             findings.append(
                 Finding.of(
                     "frozen_in_optimizer",
@@ -374,7 +399,7 @@ def check_dtypes(gmap: GroupMap) -> list[Finding]:
     for g in gmap:
         half = [p for p in g.params if p.param.requires_grad and p.param.dtype == torch.float16]
         if half:
-            n = sum(p.param.numel() for p in half)
+            n = sum(param_numel(p.param) for p in half)
             findings.append(
                 Finding.of(
                     "fp16_trainable",
@@ -391,7 +416,7 @@ def check_meta(gmap: GroupMap) -> list[Finding]:
     meta = [p for p in gmap.by_param.values() if p.param.is_meta]
     if not meta:
         return []
-    n = sum(p.param.numel() for p in meta)
+    n = sum(param_numel(p.param) for p in meta)
     return [
         Finding.of(
             "meta_params",

@@ -87,6 +87,19 @@ _CLASS_HINTS: tuple[tuple[Role, re.Pattern[str]], ...] = (
 _SPLITS = frozenset({("vision", "connector"), ("language", "head")})
 
 
+def param_numel(param: torch.Tensor) -> int:
+    """Number of elements of the full parameter, also when it is sharded.
+
+    DeepSpeed ZeRO-3 empties ``param.data`` on every rank and keeps the full size in ``param.ds_numel``;
+    an FSDP2 / tensor-parallel DTensor already reports its full (global) size.
+
+    >>> param_numel(torch.zeros(2, 3))
+    6
+    """
+    ds_numel = getattr(param, "ds_numel", None)
+    return int(ds_numel) if isinstance(ds_numel, int) else param.numel()
+
+
 def normalize_name(name: str) -> str:
     """Strip wrapper segments from a parameter or module path.
 

@@ -15,7 +15,6 @@ step's worth into a single packed tensor, so the guard reads it with one host sy
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,10 @@ def _absmax(t: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), device=t.device)
     if t.is_complex():
         t = torch.view_as_real(t)
-    return torch.linalg.vector_norm(t, ord=math.inf).float()
+    # One fused min/max pass: ~10x faster on CPU than vector_norm(ord=inf) (2.7 ms vs 0.26 ms on a
+    # 4x128x2000 fp32 logits tensor, 1 thread), NaN/Inf propagate the same way (benchmarks/run.py).
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(hi, -lo).float()
 
 
 def grad_norm(g: torch.Tensor) -> torch.Tensor:
@@ -173,6 +175,10 @@ class Probes:
                 if module is self.model:
                     continue
                 self._handles.append(module.register_forward_hook(self._group_hook(gi)))
+
+    def own(self, handle: Any) -> None:
+        """Keep ``handle`` (anything with ``remove()``) to be removed with the hooks on :meth:`detach`."""
+        self._handles.append(handle)
 
     def detach(self) -> None:
         for h in self._handles:

@@ -88,7 +88,8 @@ class GradGuard(TrainerCallback, ExportableState):
         optimizer = kwargs.get("optimizer")
         if model is None:
             raise ValueError("GradGuard needs the model: use it as a Trainer callback (callbacks=[GradGuard()])")
-        self._put_first_for_logging()
+        if self.guard is not None:  # an earlier train() that was interrupted: on_train_end never came
+            self.guard.close()
         guard = _TrainerGuard(
             model,
             optimizer,
@@ -106,15 +107,20 @@ class GradGuard(TrainerCallback, ExportableState):
         )
         guard.masked_by_filter = bool(getattr(args, "logging_nan_inf_filter", False))
         self.guard = guard
-        resume = self._resume
-        if resume is None and state.global_step > 0:
-            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-            saved = saved[0] if isinstance(saved, list) and saved else saved
-            resume = (saved or {}).get("attributes", {}).get("_resume") if isinstance(saved, dict) else None
-        if resume:
-            guard.load_state_dict(resume)
+        try:  # gradguard's own bookkeeping: a bug here disables gradguard, never the training
+            self._put_first_for_logging()
+            resume = self._resume
+            if resume is None and state.global_step > 0:
+                saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+                saved = saved[0] if isinstance(saved, list) and saved else saved
+                resume = (saved or {}).get("attributes", {}).get("_resume") if isinstance(saved, dict) else None
+            if resume:
+                guard.load_state_dict(resume)
+        except Exception as exc:
+            guard._internal_error(exc)
         self._last_logged_step = state.global_step
-        guard.start()
+        if not guard.disabled:
+            guard.start()  # contains its own errors, but bad input (ConfigurationError) raises here
         if guard.stopped:
             control.should_training_stop = True
 
@@ -139,8 +145,14 @@ class GradGuard(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         guard = self.guard
-        if guard is None or logs is None or "loss" not in logs:
+        if guard is None or logs is None or "loss" not in logs or guard.disabled:
             return
+        try:
+            self._log(guard, state, logs)
+        except Exception as exc:
+            guard._internal_error(exc)
+
+    def _log(self, guard: _TrainerGuard, state: TrainerState, logs: dict[str, Any]) -> None:
         window = [s for s in guard.nonfinite_loss_steps if self._last_logged_step < s <= state.global_step]
         self._last_logged_step = state.global_step
         values = self.log_values()
@@ -205,8 +217,17 @@ class GradGuard(TrainerCallback, ExportableState):
                 "localize": self.localize,
                 "trace": self.trace,
             },
-            "attributes": {"_resume": self.guard.state_dict() if self.guard else None},
+            "attributes": {"_resume": self._guard_state()},
         }
+
+    def _guard_state(self) -> dict[str, Any] | None:
+        if self.guard is None or self.guard.disabled:
+            return None
+        try:
+            return self.guard.state_dict()
+        except Exception as exc:  # a checkpoint must never fail because of gradguard
+            self.guard._internal_error(exc)
+            return None
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _put_first_for_logging(self) -> None:

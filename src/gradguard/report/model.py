@@ -73,7 +73,7 @@ class Fault:
     origin: Origin
     weights_intact: bool
     evidence: dict[str, Any] = field(default_factory=dict)
-    localization: dict[str, Any] | None = None  # filled by the replay (gradguard.engine.localize)
+    localization: dict[str, Any] | None = None  # the replay's module and verdict; fields: docs/localization.md
 
 
 @dataclass

@@ -111,7 +111,7 @@ def _localization_lines(loc: dict[str, Any] | None) -> list[tuple[str, str]]:
         return []
     out: list[tuple[str, str]] = []
     if loc.get("module"):
-        trainable = {True: "trainable", False: "frozen"}.get(loc.get("trainable"), "trainability unknown")
+        trainable = {True: "trainable", False: "frozen", None: "trainability unknown"}[loc.get("trainable")]
         how = f"{loc.get('phase') or '?'} phase"
         if loc.get("micro_batch") is not None:
             how += f", micro-batch {loc['micro_batch']}"
@@ -135,11 +135,14 @@ def _localization_lines(loc: dict[str, Any] | None) -> list[tuple[str, str]]:
             if "output_absmax" in fr:
                 frames.append(f"{fr['module']} in {fmt(fr['input_absmax'])} -> out {fmt(fr['output_absmax'])}")
             else:
-                frames.append(f"{fr.get('parameter') or fr['module']} grad {fmt(fr.get('absmax'))}")
+                size = fmt(fr.get("absmax", fr.get("norm")))
+                frames.append(f"{fr.get('parameter') or fr['module']} grad {size}")
         if frames:
-            out.append(("abs-max", " | ".join(frames)))
+            out.append(("ramp", " | ".join(frames)))
     if loc.get("verdict"):
-        out.append(("verdict", f"{loc['verdict']}: {loc.get('advice') or loc.get('message') or ''}"))
+        text = loc.get("advice") or loc.get("message") or ""
+        prefix = f"{loc['verdict']}: "  # the advice may already start with the verdict: say it once
+        out.append(("verdict", text if text.startswith(prefix) else prefix + text))
     return out
 
 

@@ -1,0 +1,83 @@
+"""DDP worker: the real HF Trainer on 2 CPU ranks (gloo), launched by ``tests/test_distributed.py``::
+
+    torchrun --nproc_per_node=2 tests/distributed/ddp_trainer.py OUT_DIR
+
+Three runs in one process group (one launch: starting Python + transformers dominates the cost):
+
+1. ``bare``: no gradguard;
+2. ``guarded``: the same run with ``GradGuard()``: same losses and weights, one all-reduce per step;
+3. ``fault``: ``GradGuard()`` with a NaN injected on rank 1 only, from step 3.
+
+Each rank writes ``OUT_DIR/rank<r>.json`` with what the test checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from _common import CollectiveCounter, dump, rank, report_dir, weights_callback
+
+counter = CollectiveCounter()  # before anything can bind the collectives
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from gradguard import GradGuard  # noqa: E402
+from gradguard.testing.faults import inject_nan  # noqa: E402
+from gradguard.testing.models import TinyDataset, tiny_llama  # noqa: E402
+
+OUT = Path(sys.argv[1])
+STEPS = 4
+FAULT_STEP = 3
+
+
+def run(tag: str, guarded: bool, fault: bool = False) -> dict[str, Any]:
+    model = tiny_llama(seed=0)
+    args = TrainingArguments(
+        output_dir=str(OUT / tag),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    callback = GradGuard(report_dir=str(report_dir(OUT, tag)), console=False) if guarded else None
+    weights = weights_callback(model)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TinyDataset(model, n=32),
+        callbacks=[weights] + ([callback] if callback else []),
+    )
+    # The fault is born on rank 1 only: its forward output of the first decoder layer becomes NaN.
+    injector = inject_nan(model.model.layers[0], start=FAULT_STEP) if fault and rank() == 1 else None
+    counter.phase = tag
+    with injector or contextlib.nullcontext():
+        trainer.train()
+    counter.phase = "idle"
+    guard = callback.guard if callback else None
+    return {
+        "global_step": trainer.state.global_step,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "digests": weights.digests,
+        "collectives": counter.of(tag),
+        "stopped": guard.stopped if guard else None,
+        "fault_step": guard.fault.step if guard and guard.fault else None,
+        "group_norm": guard.last.group_norm if guard and guard.last else None,
+        "disabled": guard.disabled if guard else None,
+        "internal_errors": [f.message for f in guard.findings if f.kind == "internal_error"] if guard else [],
+        "origin_rank": guard.fault.origin.rank if guard and guard.fault else None,
+    }
+
+
+if __name__ == "__main__":
+    runs = [("bare", False, False), ("guarded", True, False), ("fault", True, True)]
+    dump(OUT, {tag: run(tag, guarded, fault) for tag, guarded, fault in runs})
