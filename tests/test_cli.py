@@ -22,6 +22,12 @@ SCHEMA = json.loads((Path(__file__).parents[1] / "src/gradguard/report/schema.js
 LLAVA_LM_ONLY = r".*language_model.*\.(q_proj|v_proj)"  # LoRA on the language model's attention only
 
 
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a terminal (CI, xdist): rich falls back to 80 columns and wraps the names we look for.
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
