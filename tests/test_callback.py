@@ -154,6 +154,7 @@ def test_backward_only_nan_in_a_language_layer(tmp_path) -> None:
     fault = report_of(tmp_path).fault
     assert fault.kind == "nonfinite_grad"
     assert (fault.origin.phase, fault.origin.group, fault.origin.role) == ("backward", "llm", "language")
+    assert "layers.1." in fault.evidence["first non-finite gradient (backward order)"]
 
 
 def test_vision_tower_under_no_grad_is_a_dead_gradient(tmp_path) -> None:

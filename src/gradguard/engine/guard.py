@@ -132,6 +132,7 @@ class Guard:
         self._pending_stop: Finding | None = None
         self._checked_in_step: int | None = None  # a step hook (DeepSpeed) already checked this step
         self._module_norms: torch.Tensor | None = None
+        self._module_window: deque[torch.Tensor] = deque(maxlen=8)  # per-module norms of the last steps
         self._closed = False
         self._loss_upto = 0  # probes.micro entries already paired with a record_loss() call
         self.environment: dict[str, Any] = {}
@@ -396,6 +397,8 @@ class Guard:
             scaler_active=scaler_active,
             loss_scale=values["scale"][0] if values["scale"] else None,
         )
+        if self._module_norms is not None:
+            self._module_window.append(self._module_norms)  # device tensors: no sync unless a fault reads them
         self._module_norms = red["module_norms"]
         if values["params_bad"] and values["params_bad"][0] > 0:
             self._record(
@@ -418,8 +421,10 @@ class Guard:
         assert probes is not None
         first_bad_grad = None
         if not stats.grads_finite:
-            first_bad_grad = self._first_bad_grad_group()
-        found = detect_fault(stats, self.contexts, first_bad_grad)
+            first_bad_grad = self._first_bad_grad()
+        found = detect_fault(stats, self.contexts, first_bad_grad[0] if first_bad_grad else None)
+        if found is not None and first_bad_grad is not None:
+            found[2]["first non-finite gradient (backward order)"] = first_bad_grad[1]
         trend_findings = self.trends.update(stats, self.contexts)
         if stats.loss is not None and not math.isfinite(stats.loss):
             self.nonfinite_loss_steps.append(stats.step)
@@ -577,7 +582,8 @@ class Guard:
         # Overridden by the HF integration, which knows logging_nan_inf_filter; plain loops log nothing.
         return False
 
-    def _first_bad_grad_group(self) -> str | None:
+    def _first_bad_grad(self) -> tuple[str, str] | None:
+        """(group, parameter name) of the first gradient, in backward order, that was not finite."""
         probes = self.probes
         assert probes is not None
         order = [i for i in dict.fromkeys(probes.grad_order) if probes.grad_slots[i] is not None]
@@ -585,17 +591,31 @@ class Guard:
             return None
         values = torch.stack([probes.grad_slots[i] for i in order]).tolist()  # type: ignore[misc]  # fault path
         bad = next((i for i, v in zip(order, values) if not math.isfinite(v)), None)
-        return None if bad is None else probes.group_names[probes.param_group[bad]]
+        if bad is None:
+            return None
+        return probes.group_names[probes.param_group[bad]], probes.params[bad][0]
 
     def _top_modules(self, k: int = 5) -> dict[str, Any]:
-        """The modules with the largest (or non-finite) gradient norms at this step (fault path only)."""
+        """The modules with the largest (or non-finite) gradient norms at this step, and the ones whose norm
+        grew most against the recent window (fault path only: one read of the window)."""
         if self._module_norms is None or self.probes is None or not self.probes.modules:
             return {}
-        norms = self._module_norms.tolist()
+        window = torch.stack([*self._module_window, self._module_norms]).tolist()
+        norms, past = window[-1], window[:-1]
         mods = self.probes.modules
+        out: dict[str, Any] = {}
+        if past:
+            growth = []
+            for i, m in enumerate(mods):
+                before = sorted(row[i] for row in past if math.isfinite(row[i]))
+                ref = before[len(before) // 2] if before else 0.0
+                if ref > 0 and math.isfinite(norms[i]):
+                    growth.append((norms[i] / ref, m))
+            top = [f"{m}: {g:.3g}x" for g, m in sorted(growth, reverse=True)[:k] if g > 2]
+            if top:
+                out[f"fastest-growing gradient norms (vs median of last {len(past)} steps)"] = ", ".join(top)
         bad = [m for m, v in zip(mods, norms) if not math.isfinite(v)]
         finite = sorted(((v, m) for m, v in zip(mods, norms) if math.isfinite(v)), reverse=True)[:k]
-        out: dict[str, Any] = {}
         if bad:
             out["modules with non-finite gradients"] = ", ".join(bad[:k]) + (
                 f" (+{len(bad) - k})" if len(bad) > k else ""
