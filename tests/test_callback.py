@@ -334,3 +334,19 @@ def _tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_raw_loss_with_gradient_accumulation_matches_the_trainers(tmp_path) -> None:
+    # With num_items_in_batch each micro-batch's model loss is only a share of the step's: gradguard
+    # reports the real per-token loss, as the Trainer logs it.
+    model = tiny_llama()
+    trainer = train(
+        model,
+        tmp_path,
+        callbacks=[GradGuard(console=False)],
+        gradient_accumulation_steps=4,
+        per_device_train_batch_size=1,
+        max_steps=3,
+    )
+    for logged in (h for h in trainer.state.log_history if "loss" in h):
+        assert logged["gradguard/raw_loss"] == pytest.approx(logged["loss"], rel=1e-4)

@@ -62,7 +62,11 @@ def test_scaler_overflow_is_not_a_fault_but_a_collapsing_scale_is() -> None:
     s = stats(norms={"proj": math.inf, "lm": 1.0}, scaler_active=True, loss_scale=2.0**-3)
     assert detect_fault(s, GROUPS) is None
     trends = Trends(Thresholds(scaler_skips=3))
-    found = [f for i in range(1, 5) for f in trends.update(stats(i, norms={"proj": math.inf, "lm": 1}, scaler_active=True), GROUPS)]
+    found = [
+        f
+        for i in range(1, 5)
+        for f in trends.update(stats(i, norms={"proj": math.inf, "lm": 1}, scaler_active=True), GROUPS)
+    ]
     assert [(f.kind, f.severity, f.step) for f in found] == [("loss_scale_collapse", "error", 3)]
 
 
@@ -128,6 +132,8 @@ def test_report_json_is_strict_and_round_trips_nan() -> None:
     assert not guard.check()
     report = guard.close()
     text = report.to_json()
-    assert "NaN" in text and "nan" not in text.replace("NaN", "").replace("nonfinite", "").lower().replace("non-finite", "")
+    assert "NaN" in text and "nan" not in text.replace("NaN", "").replace("nonfinite", "").lower().replace(
+        "non-finite", ""
+    )
     data = json.loads(text)  # strict JSON: NaN became the string "NaN"
     assert Report.from_dict(data).fault.kind == report.fault.kind

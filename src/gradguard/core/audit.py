@@ -168,7 +168,7 @@ def audit_requires_grad(
     optimizer: torch.optim.Optimizer | Any | None = None,
     groups: Mapping[str, str] | None = None,
 ) -> Audit:
-    """Check what will train, per module group, before training starts.
+    r"""Check what will train, per module group, before training starts.
 
     ``expect_trainable`` lists group names (``"vpm"``), roles (``"vision"``, ``"connector"``) or globs
     that must have trainable parameters; ``optimizer`` is checked for coverage of the trainable
@@ -179,7 +179,8 @@ def audit_requires_grad(
     >>> model = tiny_minicpmv2()
     >>> model.vpm.requires_grad_(True); model.resampler.requires_grad_(True)  # doctest: +ELLIPSIS
     Siglip...
-    >>> model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    >>> lora = LoraConfig(target_modules=r"llm\..*\.(q_proj|v_proj)")  # LoRA on the language model only
+    >>> model = get_peft_model(model, lora)
     >>> audit = audit_requires_grad(model, expect_trainable=["vpm", "resampler"])
     >>> audit.ok, [f.group for f in audit.findings if f.code == "GG001"]
     (False, ['vpm', 'resampler'])

@@ -60,7 +60,8 @@ class StepStats:
     """One optimizer step, as host values (read with one sync)."""
 
     step: int
-    losses: list[float] = field(default_factory=list)  # raw loss per micro-batch
+    losses: list[float] = field(default_factory=list)  # raw loss per micro-batch (its own mean)
+    loss_weights: list[float] = field(default_factory=list)  # target tokens per micro-batch, when known
     supervised: list[int | None] = field(default_factory=list)  # labels != -100 per micro-batch
     inputs: list[tuple[int, str, float]] = field(default_factory=list)  # (micro-batch, key, abs-max)
     group_outputs: list[tuple[str, int, float]] = field(default_factory=list)  # firing order, abs-max
@@ -73,8 +74,14 @@ class StepStats:
 
     @property
     def loss(self) -> float | None:
-        """The step's raw loss: mean over micro-batches (NaN if any is NaN)."""
-        return sum(self.losses) / len(self.losses) if self.losses else None
+        """The step's raw loss: the token-weighted mean over micro-batches when the token counts are known
+        (as the Trainer computes it), else the plain mean; NaN if any micro-batch's is NaN."""
+        if not self.losses:
+            return None
+        w = self.loss_weights
+        if len(w) == len(self.losses) and sum(w) > 0:
+            return sum(loss * n for loss, n in zip(self.losses, w)) / sum(w)
+        return sum(self.losses) / len(self.losses)
 
     @property
     def grads_finite(self) -> bool:

@@ -119,8 +119,10 @@ class Guard:
         self.fault: Fault | None = None
         self.stopped = False
         self.disabled = False
-        self.skipped_steps: list[int] = []
-        self.nonfinite_loss_steps: list[int] = []
+        # The latest steps only (bounded under on_fault="warn"); the counts cover the whole run.
+        self.skipped_steps: deque[int] = deque(maxlen=1024)
+        self.nonfinite_loss_steps: deque[int] = deque(maxlen=1024)
+        self.counts = {"nonfinite_loss_steps": 0, "skipped_steps": 0}
         self.history = History(history_size)
         self.recent: deque[dict[str, Any]] = deque(maxlen=16)  # full-resolution tail for the report
         self.trends = Trends(self.thresholds)
@@ -338,6 +340,7 @@ class Guard:
         norms = probes.local_norms(device)
         micro = probes.micro
         losses = [m.loss for m in micro if m.loss is not None]
+        weights = [m.loss_weight for m in micro if m.loss is not None and m.loss_weight is not None]
         supervised = [m.supervised for m in micro]
         inputs = [(m.index, k, v) for m in micro for k, v in m.inputs]
         outs = probes.group_outputs
@@ -350,6 +353,7 @@ class Guard:
 
         parts = {
             "losses": vec(losses),
+            "loss_weights": vec(weights) if len(weights) == len(losses) else norms[:0],
             "supervised": vec([s for s in supervised if s is not None]),
             "inputs": vec([v for _, _, v in inputs]),
             "outputs": vec([v for _, _, v in outs]),
@@ -387,6 +391,7 @@ class Guard:
         stats = StepStats(
             step=self.step,
             losses=values["losses"],
+            loss_weights=values["loss_weights"],
             supervised=[int(next(sup_iter)) if s is not None else None for s in supervised],
             inputs=[(m, k, v) for (m, k, _), v in zip(inputs, values["inputs"])],
             group_outputs=[(names[g], m, v) for (g, m, _), v in zip(outs, values["outputs"])],
@@ -428,8 +433,10 @@ class Guard:
         trend_findings = self.trends.update(stats, self.contexts)
         if stats.loss is not None and not math.isfinite(stats.loss):
             self.nonfinite_loss_steps.append(stats.step)
+            self.counts["nonfinite_loss_steps"] += 1
         if stats.scaler_active and not stats.grads_finite and found is None:
             self.skipped_steps.append(stats.step)
+            self.counts["skipped_steps"] += 1
         self._record(trend_findings)
         self._add_history(stats)
         pending = self._pending_stop
@@ -684,8 +691,9 @@ class Guard:
         groups = [summarize(g, opt_ids) for g in gmap] if gmap else []
         history = self.history.to_dict([g.name for g in groups])
         history["recent"] = list(self.recent)
-        history["nonfinite_loss_steps"] = self.nonfinite_loss_steps[-100:]
-        history["skipped_steps"] = self.skipped_steps[-100:]
+        history["nonfinite_loss_steps"] = list(self.nonfinite_loss_steps)[-100:]
+        history["skipped_steps"] = list(self.skipped_steps)[-100:]
+        history["counts"] = dict(self.counts)
         history["repeated_findings"] = {f"{c} {g or ''}".strip(): n for (c, g), n in self.repeats.items() if n}
         return Report(
             status="fault" if self.fault is not None else "healthy",
@@ -724,16 +732,18 @@ class Guard:
             "step": self.step,
             "history": self.history.state_dict(),
             "trends": self.trends.state_dict(),
-            "nonfinite_loss_steps": self.nonfinite_loss_steps,
-            "skipped_steps": self.skipped_steps,
+            "nonfinite_loss_steps": list(self.nonfinite_loss_steps),
+            "skipped_steps": list(self.skipped_steps),
+            "counts": dict(self.counts),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state.get("step", 0))
         self.history.load_state_dict(state.get("history", {}))
         self.trends.load_state_dict(state.get("trends", {}))
-        self.nonfinite_loss_steps = list(state.get("nonfinite_loss_steps", []))
-        self.skipped_steps = list(state.get("skipped_steps", []))
+        self.nonfinite_loss_steps.extend(state.get("nonfinite_loss_steps", []))
+        self.skipped_steps.extend(state.get("skipped_steps", []))
+        self.counts.update(state.get("counts", {}))
 
 
 def _device_of(model: nn.Module) -> torch.device:

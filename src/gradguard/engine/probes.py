@@ -104,6 +104,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def own_mean_loss(
+    model: nn.Module, loss: torch.Tensor, labels: torch.Tensor, shift_labels: Any, items: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's own mean loss (and its token count), from a loss normalised by ``num_items_in_batch``.
+
+    With gradient accumulation (and across ranks) the Trainer passes the token count of the whole
+    optimizer step, and the model returns its summed loss divided by it: each micro-batch's value is
+    only its share. Rescaled by the tokens it predicts (``labels[..., 1:]`` for causal LMs, which shift
+    labels, as the Trainer counts them), it is the number users know. On the device, no sync.
+    """
+    config = getattr(model, "config", None)
+    if isinstance(shift_labels, torch.Tensor):
+        targets = shift_labels
+    elif labels.dim() >= 2 and not getattr(config, "is_encoder_decoder", False):
+        targets = labels[..., 1:]
+    else:
+        targets = labels
+    own = (targets != IGNORE_INDEX).sum().to(loss.device).float()
+    total = torch.as_tensor(items, device=loss.device).float().reshape(())
+    return torch.where(own > 0, loss * total / own.clamp(min=1), loss), own
+
+
 @dataclass
 class MicroBatch:
     """What one forward call of the top model recorded (device tensors, no host sync)."""
@@ -111,6 +133,7 @@ class MicroBatch:
     index: int
     loss: torch.Tensor | None = None
     supervised: torch.Tensor | None = None  # count of labels != -100
+    loss_weight: torch.Tensor | None = None  # tokens the loss averages over, when the Trainer said so
     inputs: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (key, abs-max)
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -230,6 +253,9 @@ class Probes:
             labels = kwargs.get("labels")
             if isinstance(labels, torch.Tensor):
                 mb.supervised = (labels != IGNORE_INDEX).sum()
+                items = kwargs.get("num_items_in_batch")
+                if items is not None and mb.loss is not None:
+                    mb.loss, mb.loss_weight = own_mean_loss(module, mb.loss, labels, kwargs.get("shift_labels"), items)
             for key, value in [*kwargs.items(), *((f"arg{i}", a) for i, a in enumerate(args))]:
                 if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
                     mb.inputs.append((key, _absmax(value)))

@@ -111,9 +111,10 @@ class GradGuard(TrainerCallback, ExportableState):
             self._put_first_for_logging()
             resume = self._resume
             if resume is None and state.global_step > 0:
-                saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-                saved = saved[0] if isinstance(saved, list) and saved else saved
-                resume = (saved or {}).get("attributes", {}).get("_resume") if isinstance(saved, dict) else None
+                callbacks_state: dict[str, Any] = state.stateful_callbacks or {}  # type: ignore[assignment]
+                stored = callbacks_state.get(type(self).__name__)
+                stored = stored[0] if isinstance(stored, list) and stored else stored
+                resume = stored.get("attributes", {}).get("_resume") if isinstance(stored, dict) else None
             if resume:
                 guard.load_state_dict(resume)
         except Exception as exc:
@@ -153,7 +154,7 @@ class GradGuard(TrainerCallback, ExportableState):
             guard._internal_error(exc)
 
     def _log(self, guard: _TrainerGuard, state: TrainerState, logs: dict[str, Any]) -> None:
-        window = [s for s in guard.nonfinite_loss_steps if self._last_logged_step < s <= state.global_step]
+        window = [s for s in guard.nonfinite_loss_steps if s > self._last_logged_step]
         self._last_logged_step = state.global_step
         values = self.log_values()
         logs.update(values)
@@ -191,7 +192,7 @@ class GradGuard(TrainerCallback, ExportableState):
             return {}
         last = guard.last
         out: dict[str, float] = {f"gradguard/grad_norm/{g}": v for g, v in last.group_norm.items()}
-        out["gradguard/nonfinite_loss_steps"] = float(len(guard.nonfinite_loss_steps))
+        out["gradguard/nonfinite_loss_steps"] = float(guard.counts["nonfinite_loss_steps"])
         supervised = [n for n in last.supervised if n is not None]
         if supervised:
             out["gradguard/supervised_tokens"] = float(sum(supervised))

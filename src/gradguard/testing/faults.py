@@ -177,7 +177,12 @@ def mask_labels(model: nn.Module, *, start: int = 1, times: int | None = None) -
 
 
 def corrupt_input(
-    model: nn.Module, key: str = "pixel_values", value: float = float("nan"), *, start: int = 1, times: int | None = None
+    model: nn.Module,
+    key: str = "pixel_values",
+    value: float = float("nan"),
+    *,
+    start: int = 1,
+    times: int | None = None,
 ) -> BatchFault:
     """The batch input ``key`` is filled with ``value`` (NaN by default), from call ``start``."""
     return BatchFault(model, key, lambda t: torch.full_like(t, value), start=start, times=times)
