@@ -48,7 +48,24 @@ if TYPE_CHECKING:
     from gradguard.integrations.transformers import GradGuard
     from gradguard.report.model import Fault, Finding, Origin, Report
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "RULES",
+    "Audit",
+    "Fault",
+    "Finding",
+    "GradGuard",
+    "Group",
+    "GroupMap",
+    "Guard",
+    "Origin",
+    "Report",
+    "TrainingHealthError",
+    "__version__",
+    "audit_requires_grad",
+    "build_groups",
+    "rule",
+    "track_requires_grad",
+]
 
 
 def __getattr__(name: str) -> Any:
