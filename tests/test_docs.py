@@ -38,3 +38,14 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "./scripts/demo.sh" in readme and "./scripts/test.sh" in readme
     assert "./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_import_gradguard_is_lazy() -> None:
+    # The pytest11 plugin loads gradguard in every pytest session of every project that has it installed:
+    # `import gradguard` must import neither torch nor transformers nor peft.
+    import subprocess
+    import sys
+
+    code = "import sys, gradguard, gradguard.testing.pytest_plugin; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
