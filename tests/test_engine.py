@@ -137,3 +137,17 @@ def test_report_json_is_strict_and_round_trips_nan() -> None:
     )
     data = json.loads(text)  # strict JSON: NaN became the string "NaN"
     assert Report.from_dict(data).fault.kind == report.fault.kind
+
+
+def test_every_front_door_rejects_bad_options_at_construction() -> None:
+    import pytest
+
+    from gradguard import GradGuard
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    for make in (lambda **kw: Guard(torch.nn.Linear(2, 1), console=False, **kw), GradGuard, GradGuardCallback):
+        with pytest.raises(ValueError, match="on_fault must be one of"):
+            make(on_fault="halt")
+        with pytest.raises(ValueError, match="trace must be None or 'full'"):
+            make(trace="everything")
+    assert GradGuardCallback(trace="full").trace == "full"

@@ -45,6 +45,15 @@ OnFault = Literal["stop", "raise", "warn"]
 _ON_FAULT = ("stop", "raise", "warn")
 
 
+def validate_options(on_fault: str, trace: str | None = None) -> None:
+    """The checks every front door (Guard, GradGuard, the Lightning callback) makes at construction,
+    so that a typo fails when the trainer is built, not after data loading."""
+    if on_fault not in _ON_FAULT:
+        raise ValueError(f"on_fault must be one of {', '.join(map(repr, _ON_FAULT))}, got {on_fault!r}")
+    if trace not in (None, "full"):
+        raise ValueError(f"trace must be None or 'full', got {trace!r}")
+
+
 class Guard:
     """Watch a model's training: record, detect, attribute, and stop before a poisoned update.
 
@@ -93,8 +102,7 @@ class Guard:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard expects the torch.nn.Module being trained, got {type(model).__name__}")
-        if on_fault not in _ON_FAULT:
-            raise ValueError(f"on_fault must be one of {', '.join(map(repr, _ON_FAULT))}, got {on_fault!r}")
+        validate_options(on_fault, trace)
         if param_check_every < 1:
             raise ValueError(f"param_check_every must be >= 1, got {param_check_every}")
         self.model = model
@@ -109,8 +117,6 @@ class Guard:
         self.param_check_every = param_check_every
         self.scaler = scaler
         self.localize = localize
-        if trace not in (None, "full"):
-            raise ValueError(f"trace must be None or 'full', got {trace!r}")
         self.trace = trace
 
         self.step = 0  # optimizer steps checked so far (1-based numbering in reports)

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from gradguard.engine.guard import Guard, OnFault
+from gradguard.engine.guard import Guard, OnFault, validate_options
 from gradguard.report.model import Report
 
 
@@ -54,7 +54,7 @@ class GradGuardCallback(Callback):
     'healthy'
 
     Args mirror :class:`~gradguard.engine.guard.Guard` (``expect_trainable``, ``on_fault``, ``report_dir``,
-    ``groups``, ``thresholds``, ``strict``, ``console``, ``localize``), plus:
+    ``groups``, ``thresholds``, ``strict``, ``console``, ``localize``, ``trace``), plus:
 
     Args:
         module: the attribute path of the network inside the ``LightningModule`` (``"model"``). By default
@@ -74,11 +74,10 @@ class GradGuardCallback(Callback):
         strict: bool = False,
         console: bool = True,
         localize: bool = True,
+        trace: str | None = None,
         module: str | None = None,
     ) -> None:
-        # Validate eagerly: a typo should fail when the Trainer is built, not after data loading.
-        if on_fault not in ("stop", "raise", "warn"):
-            raise ValueError(f"on_fault must be 'stop', 'raise' or 'warn', got {on_fault!r}")
+        validate_options(on_fault, trace)
         self.expect_trainable = expect_trainable
         self.on_fault: OnFault = on_fault
         self.report_dir = report_dir
@@ -87,6 +86,7 @@ class GradGuardCallback(Callback):
         self.strict = strict
         self.console = console
         self.localize = localize
+        self.trace = trace
         self.module = module
         self.guard: Guard | None = None
         self.report: Report | None = None  # set when training ends
@@ -109,6 +109,7 @@ class GradGuardCallback(Callback):
             console=self.console and trainer.is_global_zero,
             scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 "16-mixed" on GPU only
             localize=self.localize,
+            trace=self.trace,  # type: ignore[arg-type]
             start=False,
         )
         if self._resume:

@@ -24,7 +24,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from gradguard.engine.guard import Guard, OnFault
+from gradguard.engine.guard import Guard, OnFault, validate_options
 from gradguard.report.model import Finding
 
 
@@ -62,9 +62,7 @@ class GradGuard(TrainerCallback, ExportableState):
         localize: bool = True,
         trace: str | None = None,
     ) -> None:
-        # Validate eagerly: a typo should fail when the Trainer is built, not after data loading.
-        if on_fault not in ("stop", "raise", "warn"):
-            raise ValueError(f"on_fault must be 'stop', 'raise' or 'warn', got {on_fault!r}")
+        validate_options(on_fault, trace)
         self.expect_trainable = [expect_trainable] if isinstance(expect_trainable, str) else expect_trainable
         self.on_fault: OnFault = on_fault
         self.report_dir = report_dir
