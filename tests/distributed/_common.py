@@ -94,3 +94,59 @@ def weights_callback(model: torch.nn.Module) -> Any:
 def report_dir(out: Path, tag: str) -> Path:
     """A report folder per rank, so that the test can see that only rank 0 writes one."""
     return out / tag / f"rank{rank()}"
+
+
+def train_once(
+    out: Path,
+    tag: str,
+    counter: CollectiveCounter,
+    *,
+    guarded: bool,
+    fault: bool,
+    steps: int,
+    fault_step: int,
+    **extra_args: Any,
+) -> tuple[Any, Any, Any]:
+    """One real HF Trainer run of the tiny Llama on this process group: (trainer, guard or None, weights).
+
+    The fault is born on rank 1 only: the forward output of the first decoder layer becomes NaN from
+    ``fault_step`` on. ``extra_args`` go to ``TrainingArguments`` (e.g. ``deepspeed=config``).
+    """
+    import contextlib
+
+    from transformers import Trainer, TrainingArguments
+
+    from gradguard import GradGuard
+    from gradguard.testing.faults import inject_nan
+    from gradguard.testing.models import TinyDataset, tiny_llama
+
+    model = tiny_llama(seed=0)
+    args = TrainingArguments(
+        output_dir=str(out / tag),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        **extra_args,
+    )
+    callback = GradGuard(report_dir=str(report_dir(out, tag)), console=False) if guarded else None
+    weights = weights_callback(model)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TinyDataset(model, n=32),
+        callbacks=[weights] + ([callback] if callback else []),
+    )
+    injector = inject_nan(model.model.layers[0], start=fault_step) if fault and rank() == 1 else None
+    counter.phase = tag
+    with injector or contextlib.nullcontext():
+        trainer.train()
+    counter.phase = "idle"
+    return trainer, (callback.guard if callback else None), weights

@@ -13,20 +13,14 @@ Each rank writes ``OUT_DIR/rank<r>.json`` with what the test checks.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
-from _common import CollectiveCounter, dump, rank, report_dir, weights_callback
+from _common import CollectiveCounter, dump, train_once
 
 counter = CollectiveCounter()  # before anything can bind the collectives
 
-from transformers import Trainer, TrainingArguments  # noqa: E402
-
-from gradguard import GradGuard  # noqa: E402
-from gradguard.testing.faults import inject_nan  # noqa: E402
-from gradguard.testing.models import TinyDataset, tiny_llama  # noqa: E402
 
 OUT = Path(sys.argv[1])
 STEPS = 4
@@ -34,36 +28,9 @@ FAULT_STEP = 3
 
 
 def run(tag: str, guarded: bool, fault: bool = False) -> dict[str, Any]:
-    model = tiny_llama(seed=0)
-    args = TrainingArguments(
-        output_dir=str(OUT / tag),
-        max_steps=STEPS,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        use_cpu=True,
-        ddp_backend="gloo",
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
+    trainer, guard, weights = train_once(
+        OUT, tag, counter, guarded=guarded, fault=fault, steps=STEPS, fault_step=FAULT_STEP
     )
-    callback = GradGuard(report_dir=str(report_dir(OUT, tag)), console=False) if guarded else None
-    weights = weights_callback(model)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=TinyDataset(model, n=32),
-        callbacks=[weights] + ([callback] if callback else []),
-    )
-    # The fault is born on rank 1 only: its forward output of the first decoder layer becomes NaN.
-    injector = inject_nan(model.model.layers[0], start=FAULT_STEP) if fault and rank() == 1 else None
-    counter.phase = tag
-    with injector or contextlib.nullcontext():
-        trainer.train()
-    counter.phase = "idle"
-    guard = callback.guard if callback else None
     return {
         "global_step": trainer.state.global_step,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],

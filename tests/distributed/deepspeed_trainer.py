@@ -11,22 +11,17 @@ the update is skipped).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from _common import CollectiveCounter, dump, rank, report_dir, weights_callback
+from _common import CollectiveCounter, dump, train_once
 
 counter = CollectiveCounter()
 
-from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from gradguard import GradGuard  # noqa: E402
 from gradguard.integrations import deepspeed as gg_deepspeed  # noqa: E402
-from gradguard.testing.faults import inject_nan  # noqa: E402
-from gradguard.testing.models import TinyDataset, tiny_llama  # noqa: E402
 
 STAGE = int(sys.argv[1])
 OUT = Path(sys.argv[2])
@@ -57,7 +52,6 @@ gg_deepspeed.StepHook._read_partitions = read_with_reference  # type: ignore[met
 
 def run(tag: str, guarded: bool, fault: bool = False) -> dict[str, Any]:
     REFERENCE.clear()
-    model = tiny_llama(seed=0)
     config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -66,35 +60,9 @@ def run(tag: str, guarded: bool, fault: bool = False) -> dict[str, Any]:
         "zero_optimization": {"stage": STAGE},
         "bf16": {"enabled": False},
     }
-    args = TrainingArguments(
-        output_dir=str(OUT / tag),
-        max_steps=STEPS,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        use_cpu=True,
-        ddp_backend="gloo",
-        deepspeed=config,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
+    trainer, guard, weights = train_once(
+        OUT, tag, counter, guarded=guarded, fault=fault, steps=STEPS, fault_step=FAULT_STEP, deepspeed=config
     )
-    callback = GradGuard(report_dir=str(report_dir(OUT, tag)), console=False) if guarded else None
-    weights = weights_callback(model)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=TinyDataset(model, n=32),
-        callbacks=[weights] + ([callback] if callback else []),
-    )
-    injector = inject_nan(model.model.layers[0], start=FAULT_STEP) if fault and rank() == 1 else None
-    counter.phase = tag
-    with injector or contextlib.nullcontext():
-        trainer.train()
-    counter.phase = "idle"
-    guard = callback.guard if callback else None
     report = guard.report() if guard else None
     return {
         "global_step": trainer.state.global_step,
