@@ -164,6 +164,23 @@ def test_raised_interrupt_in_a_plain_loop_with_context_manager(signals_untouched
     assert hooks(model) == before
 
 
+def test_start_twice_restarts_instead_of_doubling_the_hooks(signals_untouched: None) -> None:
+    """``Guard(model)`` starts at once; handing over the optimizer later with ``start(opt)`` must not leave
+    the first start's hooks in place (they would fire twice per step and outlive ``close()``)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    before = hooks(model)
+    guard = Guard(model, console=False)
+    once = hooks(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard.start(opt)
+    assert hooks(model) == once
+    model(torch.randn(2, 4)).sum().backward()
+    assert guard.check()
+    assert len(guard.last.inputs) == 1 and not guard.findings  # one forward, seen once; optimizer covered
+    guard.close()
+    assert hooks(model) == before
+
+
 def test_interrupted_trainer_run_is_cleaned_up_by_the_next_run(signals_untouched: None) -> None:
     """A ``KeyboardInterrupt`` *raised* in a forward (no signal) leaves ``trainer.train()`` without
     ``on_train_end``: Python gives a callback no way to see it. The guard stays open (its hooks only

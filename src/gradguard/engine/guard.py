@@ -154,9 +154,17 @@ class Guard:
         A static error (a group in ``expect_trainable`` that is frozen, trainable parameters missing
         from the optimizer, nothing trainable) is a fault at step 0: the policy applies before the
         first step.
+
+        Calling it again (say, to hand over the optimizer once it exists) restarts the guard: the hooks
+        of the earlier start come off first, so they never fire twice.
         """
         if optimizer is not None:
             self.optimizer = optimizer
+        if self.probes is not None:
+            self.probes.detach()
+        if self.tracer is not None:
+            self.tracer.detach()
+        self.probes = self.tracer = None
         shutdown.register(self)  # an interrupted run still removes its hooks and writes its report
         try:
             audit = audit_requires_grad(self.model, self.expect_trainable, self.optimizer, self.group_overrides)
