@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick         # < 2 minutes: fewer steps, fewer workloads
     python benchmarks/run.py --out benchmarks/results/cpu.json --doc docs/performance.md
     python benchmarks/run.py --device cuda   # GPU variant (CUDA-event timing, sync-debug counting)
+    python benchmarks/run.py --device cuda --quick --no-wandb --budget-s 200 --out cuda.json   # bounded
 
 What it measures (see docs/performance.md for the results and benchmarks/README.md for the method):
 
@@ -559,24 +560,29 @@ def time_arms(
 # Host syncs
 # ---------------------------------------------------------------------------------------------------
 _SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-_GG_DIR = str(ROOT / "src" / "gradguard")
+
+
+def _gradguard_frame(frame: Any) -> Any:
+    """The innermost gradguard frame on the stack (not gradguard.testing: that is the harness), or None."""
+    while frame is not None:
+        mod = frame.f_globals.get("__name__", "")
+        if mod == "gradguard" or (mod.startswith("gradguard.") and not mod.startswith("gradguard.testing")):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _in_gradguard(frame: Any) -> bool:
     """Is a gradguard frame (not gradguard.testing: that is the harness) on the stack?"""
-    while frame is not None:
-        mod = frame.f_globals.get("__name__", "")
-        if mod == "gradguard" or (mod.startswith("gradguard.") and not mod.startswith("gradguard.testing")):
-            return True
-        frame = frame.f_back
-    return False
+    return _gradguard_frame(frame) is not None
 
 
 class SyncCounter:
     """Count calls that force a device-to-host read, split into gradguard's and everyone's.
 
     Python-level calls only (a C++ ``.item()`` inside a torch op is invisible here; on CUDA the
-    sync-debug mode catches those too, attributed by the warning's Python caller).
+    sync-debug mode catches those too: every synchronizing CUDA call warns, and a warning is gradguard's when
+    a gradguard frame is on the Python stack it is raised on, the autograd thread's for a gradient hook).
 
     >>> with SyncCounter() as c:
     ...     _ = torch.ones(()).item()
@@ -589,6 +595,8 @@ class SyncCounter:
         self.gradguard = 0
         self.total = 0
         self.cuda_gradguard = 0  # CUDA sync-debug warnings raised from gradguard's code (CUDA only)
+        self.cuda_total = 0  # all CUDA sync-debug warnings (CUDA only)
+        self.cuda_sites: dict[str, int] = {}  # gradguard's CUDA syncs by module:function:line
         self.by_method: dict[str, int] = {}
         self._saved: list[tuple[str, Any, bool]] = []
 
@@ -612,18 +620,25 @@ class SyncCounter:
         if self.cuda:
             self._warn_ctx = warnings.catch_warnings()
             self._warn_ctx.__enter__()
-            warnings.simplefilter("always")
+            # Every sync warning, not once per line (the default action); other warnings as before.
+            warnings.filterwarnings("always", message=".*synchroniz")
             self._showwarning = warnings.showwarning
             warnings.showwarning = self._on_warning
             torch.cuda.set_sync_debug_mode("warn")
         return self
 
     def _on_warning(self, message: Any, category: Any, filename: str, *rest: Any, **kw: Any) -> None:
-        # Sync-debug warnings carry the innermost Python caller as their filename. Counted apart from the
-        # Python-level calls: a `.tolist()` on a CUDA tensor is both.
-        if "synchroniz" in str(message):
-            if filename.startswith(_GG_DIR) and "/testing/" not in filename:
+        # Called on the thread that raised the warning, with the raiser's Python stack below us: a sync is
+        # gradguard's when a gradguard frame is on that stack (the innermost Python frame alone would miss
+        # a sync inside torch's Python code called by gradguard). Counted apart from the Python-level
+        # calls: a `.tolist()` on a CUDA tensor is both.
+        if "synchroniz" in str(message).lower():
+            self.cuda_total += 1
+            frame = _gradguard_frame(sys._getframe(1))
+            if frame is not None:
                 self.cuda_gradguard += 1
+                site = f"{frame.f_globals.get('__name__')}:{frame.f_code.co_name}:{frame.f_lineno}"
+                self.cuda_sites[site] = self.cuda_sites.get(site, 0) + 1
             return
         self._showwarning(message, category, filename, *rest, **kw)
 
@@ -644,15 +659,17 @@ def count_syncs(workload: Workload, arm: Arm, steps: int, warmup: int, device: s
     """Host syncs per optimizer step in steady state (after ``warmup`` steps), gradguard's and all."""
     from transformers import TrainerCallback
 
-    per_step: list[tuple[int, int, int]] = []
+    per_step: list[tuple[int, ...]] = []
+
+    def now() -> tuple[int, ...]:
+        return (counter.gradguard, counter.total, counter.cuda_gradguard, counter.cuda_total)
 
     class Marks(TrainerCallback):
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self._at = (counter.gradguard, counter.total, counter.cuda_gradguard)
+            self._at = now()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            now = (counter.gradguard, counter.total, counter.cuda_gradguard)
-            per_step.append((now[0] - self._at[0], now[1] - self._at[1], now[2] - self._at[2]))
+            per_step.append(tuple(x - y for x, y in zip(now(), self._at)))
 
     counter = SyncCounter(cuda=device.startswith("cuda"))
     with tempfile.TemporaryDirectory(prefix="gg-sync-") as tmp:
@@ -660,8 +677,8 @@ def count_syncs(workload: Workload, arm: Arm, steps: int, warmup: int, device: s
         with counter:
             trainer.train()
     steady = per_step[warmup:]
-    gg = [g for g, _, _ in steady]
-    total = [t for _, t, _ in steady]
+    gg = [row[0] for row in steady]
+    total = [row[1] for row in steady]
     out: dict[str, Any] = {
         "gradguard_per_step_max": max(gg) if gg else None,
         "gradguard_per_step_mean": statistics.mean(gg) if gg else None,
@@ -670,7 +687,12 @@ def count_syncs(workload: Workload, arm: Arm, steps: int, warmup: int, device: s
         "steps": len(steady),
     }
     if counter.cuda:
-        out["gradguard_cuda_sync_warnings_per_step_max"] = max((c for _, _, c in steady), default=None)
+        cuda_gg = [row[2] for row in steady]
+        cuda_all = [row[3] for row in steady]
+        out["gradguard_cuda_sync_warnings_per_step_max"] = max(cuda_gg, default=None)
+        out["gradguard_cuda_sync_warnings_per_step_mean"] = statistics.mean(cuda_gg) if cuda_gg else None
+        out["all_cuda_sync_warnings_per_step_median"] = statistics.median(cuda_all) if cuda_all else None
+        out["gradguard_cuda_sync_sites"] = counter.cuda_sites  # whole run, warm-up included
     return out
 
 
@@ -708,8 +730,11 @@ def memory_worker(workload_name: str, arm_name: str, steps: int, device: str, sm
         wandb_init()
     with tempfile.TemporaryDirectory(prefix="gg-mem-") as tmp:
         trainer = build_trainer(workload, arm, steps, Path(tmp), device)
+        cuda_before = 0
         if device.startswith("cuda"):
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            cuda_before = torch.cuda.memory_allocated()  # the model's weights, moved there by the Trainer
         before = _status_kb("VmRSS")
         reset = _reset_peak_rss()
         try:
@@ -720,7 +745,9 @@ def memory_worker(workload_name: str, arm_name: str, steps: int, device: str, sm
         peak = _status_kb("VmHWM")
     out = {"rss_before_train_kb": before, "peak_rss_kb": peak, "peak_reset_before_train": reset}
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
         out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_allocated_before_train_bytes"] = cuda_before
     return out
 
 
@@ -744,6 +771,10 @@ def measure_memory(
         row = {"peak_rss_mb": peak, "growth_during_train_mb": grow, "runs": runs}
         if device.startswith("cuda"):
             row["cuda_peak_allocated_mb"] = statistics.median(r["cuda_peak_allocated_bytes"] for r in runs) / 2**20
+            row["cuda_growth_during_train_mb"] = (
+                statistics.median(r["cuda_peak_allocated_bytes"] - r["cuda_allocated_before_train_bytes"] for r in runs)
+                / 2**20
+            )
         out["arms"][arm_name] = row
     bare = out["arms"].get("bare")
     for arm_name, row in out["arms"].items():
@@ -752,6 +783,7 @@ def measure_memory(
             row["growth_delta_mb"] = row["growth_during_train_mb"] - bare["growth_during_train_mb"]
             if "cuda_peak_allocated_mb" in row:
                 row["cuda_peak_ratio"] = row["cuda_peak_allocated_mb"] / bare["cuda_peak_allocated_mb"]
+                row["cuda_growth_delta_mb"] = row["cuda_growth_during_train_mb"] - bare["cuda_growth_during_train_mb"]
     return out
 
 
@@ -867,6 +899,7 @@ def machine(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "cuda": torch.version.cuda if device.startswith("cuda") else None,
         # Other work on the machine slows memory-bound code even under CPU-time clocks: say how busy it was.
         "load_average_at_start": list(os.getloadavg()),
     }
@@ -918,11 +951,18 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             v = row.get("gradguard_per_step_max")
             add(f"host syncs/step, {arm} on {wl}", "<= 1", v, None if v is None else v <= TARGETS["syncs_per_step"])
+            if "gradguard_cuda_sync_warnings_per_step_max" in row:
+                v = row["gradguard_cuda_sync_warnings_per_step_max"]
+                lim = TARGETS["syncs_per_step"]
+                add(f"CUDA syncs/step (sync-debug mode), {arm} on {wl}", "<= 1", v, None if v is None else v <= lim)
     for wl, mem in res.get("memory", {}).items():
         for arm, row in mem.get("arms", {}).items():
             if "peak_ratio" in row:
                 v = row["peak_ratio"]
                 add(f"peak RSS, {arm} on {wl}", "<= 1.02x bare", v, v <= TARGETS["memory_ratio"])
+            if "cuda_peak_ratio" in row:
+                v = row["cuda_peak_ratio"]
+                add(f"peak CUDA memory, {arm} on {wl}", "<= 1.02x bare", v, v <= TARGETS["memory_ratio"])
     for row in res.get("audit", []):
         if row["shape"] == "Llama-70B":
             add("audit, LoRA Llama-70B (meta)", "< 0.5 s", row["audit_s"], row["audit_s"] < TARGETS["audit_70b_s"])
@@ -964,6 +1004,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{load if load is None else f'{load:.1f}'} at the start, "
         f"{load_end if load_end is None else f'{load_end:.1f}'} at the end. Command: `{res['command']}`.",
     ]
+    skipped = res.get("skipped")
+    if skipped:
+        lines += ["", f"Skipped to stay within `--budget-s {skipped['budget_s']:g}`: {'; '.join(skipped['what'])}."]
     steps = res.get("trainer_step", {})
     if steps:
         lines += [
@@ -1000,22 +1043,35 @@ def render_markdown(res: dict[str, Any]) -> str:
         ]
     syncs = res.get("host_syncs", {})
     if syncs:
+        cuda = any("gradguard_cuda_sync_warnings_per_step_max" in r for a in syncs.values() for r in a.values())
+        head = "| workload | arm | caused by gradguard (max / mean) | all Python-visible, whole step (median) |"
+        if cuda:
+            head += " CUDA sync-debug: gradguard's (max / mean) | CUDA sync-debug: whole step (median) |"
         lines += [
             "",
             "### Host syncs per optimizer step (steady state, healthy run)",
             "",
-            "| workload | arm | caused by gradguard (max / mean) | all Python-visible, whole step (median) |",
-            "|---|---|---|---|",
+            head,
+            "|---" * (6 if cuda else 4) + "|",
         ]
         for wl, arms_ in syncs.items():
             for arm, row in arms_.items():
                 if row.get("gradguard_per_step_max") is None:
-                    lines.append(f"| {wl} | {arm} | {row.get('reason', '-')} | |")
+                    lines.append(f"| {wl} | {arm} | {row.get('reason', '-')} | |" + (" | |" if cuda else ""))
                     continue
-                lines.append(
+                line = (
                     f"| {wl} | {arm} | {row['gradguard_per_step_max']} / {row['gradguard_per_step_mean']:.2f} | "
                     f"{row['all_python_visible_per_step_median']:g} |"
                 )
+                if cuda and row.get("gradguard_cuda_sync_warnings_per_step_max") is not None:
+                    line += (
+                        f" {row['gradguard_cuda_sync_warnings_per_step_max']} / "
+                        f"{row['gradguard_cuda_sync_warnings_per_step_mean']:.2f} | "
+                        f"{row['all_cuda_sync_warnings_per_step_median']:g} |"
+                    )
+                elif cuda:
+                    line += " - | - |"
+                lines.append(line)
     mem = res.get("memory", {})
     if mem:
         lines += [
@@ -1032,6 +1088,25 @@ def render_markdown(res: dict[str, Any]) -> str:
                 lines.append(
                     f"| {wl} | {arm} | {row['peak_rss_mb']:.1f} MiB | {vs} | "
                     f"{row['growth_during_train_mb']:.1f} MiB | {dg} |"
+                )
+        cuda_rows = [
+            (wl, arm, row) for wl, b in mem.items() for arm, row in b["arms"].items() if "cuda_peak_allocated_mb" in row
+        ]
+        if cuda_rows:
+            lines += [
+                "",
+                "CUDA memory (`torch.cuda.max_memory_allocated()` over `train()`; growth: over what was allocated "
+                "before it):",
+                "",
+                "| workload | arm | peak allocated | vs bare | growth during `train()` | growth vs bare |",
+                "|---|---|---|---|---|---|",
+            ]
+            for wl, arm, row in cuda_rows:
+                vs = f"{row['cuda_peak_ratio']:.4f}x" if "cuda_peak_ratio" in row else "-"
+                dg = f"{row['cuda_growth_delta_mb']:+.2f} MiB" if "cuda_growth_delta_mb" in row else "-"
+                lines.append(
+                    f"| {wl} | {arm} | {row['cuda_peak_allocated_mb']:.1f} MiB | {vs} | "
+                    f"{row['cuda_growth_during_train_mb']:.1f} MiB | {dg} |"
                 )
     aud = res.get("audit", [])
     if aud:
@@ -1108,6 +1183,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-audit", action="store_true", help="skip the 8B/70B meta-device audit")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb.watch arm")
     p.add_argument("--profile", action="store_true", help="also cProfile the GradGuard arm (gradguard's hot spots)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new workload, process or phase after this many seconds (the skipped ones are listed\n"
+        "under 'skipped' in the results); with --out, the results so far are written after every phase",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--doc", type=Path, default=None, help="update the generated tables in this Markdown file")
     p.add_argument("--seed", type=int, default=0, help="seed of the round order")
@@ -1121,6 +1203,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 HEAD_TO_HEAD = ("bare", "bare_aa", "gradguard", "gradguard_trace")
 
 
+class Budget:
+    """Wall-clock budget for a whole run (``--budget-s``): what did not fit is skipped and listed, so a bounded
+    run (one shot on a GPU machine) ends with the results it could measure instead of being killed."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.skipped: list[str] = []
+
+    def spent(self) -> float:
+        return time.monotonic() - self.start
+
+    def allows(self, what: str) -> bool:
+        """False (and ``what`` recorded as skipped) once the budget is spent."""
+        if self.seconds is None or self.spent() < self.seconds:
+            return True
+        self.skipped.append(what)
+        _log(f"budget of {self.seconds:.0f} s spent ({self.spent():.0f} s): skipping {what}")
+        return False
+
+
 def _step_phase(
     title: str,
     wl_names: Sequence[str],
@@ -1130,9 +1233,12 @@ def _step_phase(
     warmup: int,
     device: str,
     seed: int,
+    budget: Budget | None = None,
 ) -> dict[str, Any]:
     out = {}
     for w in wl_names:
+        if budget is not None and not budget.allows(f"{title}: {w}"):
+            continue
         n = steps * wl_all[w].step_scale
         _log(f"{title}: {w} ({sum(a.unavailable is None for a in chosen)} arms x {warmup}+{n} steps)")
         out[w] = time_arms(wl_all[w], chosen, n, warmup, device, seed)
@@ -1162,7 +1268,14 @@ def _wandb_phase(wl_names: Sequence[str], steps: int, warmup: int, opts: argpars
     return out
 
 
-def _h2h_phase(wl_names: Sequence[str], steps: int, warmup: int, repeats: int, opts: argparse.Namespace) -> dict:
+def _h2h_phase(
+    wl_names: Sequence[str],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    opts: argparse.Namespace,
+    budget: Budget | None = None,
+) -> dict:
     """Head-to-head (bare, A/A, gradguard, trace) in ``repeats`` fresh processes, per-round ratios pooled.
 
     Two identical arms in one process differ by a percent or two for the whole run (where their tensors
@@ -1170,6 +1283,8 @@ def _h2h_phase(wl_names: Sequence[str], steps: int, warmup: int, repeats: int, o
     """
     runs: list[dict[str, Any]] = []
     for r in range(repeats):
+        if budget is not None and not budget.allows(f"head-to-head process {r + 1}/{repeats}"):
+            break
         _log(f"head-to-head, process {r + 1}/{repeats}: {', '.join(wl_names)} ({warmup}+{steps} steps per arm)")
         cmd = [sys.executable, str(Path(__file__)), "--timing-worker", "--arms", ",".join(HEAD_TO_HEAD)]
         cmd += ["--workloads", ",".join(wl_names), "--steps", str(steps), "--warmup", str(warmup)]
@@ -1181,10 +1296,12 @@ def _h2h_phase(wl_names: Sequence[str], steps: int, warmup: int, repeats: int, o
             raise RuntimeError(f"head-to-head worker failed:\n{proc.stderr[-3000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1])["trainer_step"])
     out: dict[str, Any] = {}
+    if not runs:
+        return out
     for w in wl_names:
         block = {k: v for k, v in runs[0][w].items() if k != "arms"}
         block["steps_per_arm"] = sum(run[w]["steps_per_arm"] for run in runs)
-        block["processes"] = repeats
+        block["processes"] = len(runs)
         block["arms"] = {}
         for name, first in runs[0][w]["arms"].items():
             rows = [run[w]["arms"][name] for run in runs]
@@ -1217,6 +1334,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     opts = parse_args(argv)
     device = opts.device
     small = opts.quick or opts.smoke
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device!r}: use 'cpu' or 'cuda' (the Trainer picks the GPU itself)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
     if opts.from_json:
         saved: dict[str, Any] = json.loads(opts.from_json.read_text())
         saved["targets"] = evaluate_targets(saved)
@@ -1258,6 +1379,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "seed": opts.seed,
         },
     }
+    budget = Budget(opts.budget_s)
+
+    def checkpoint(phase: str) -> None:
+        """With --out and a budget: the results so far on disk, in case the run is cut short."""
+        if opts.out and opts.budget_s is not None:
+            res["partial"] = {"after": phase, "elapsed_s": round(budget.spent(), 1), "skipped": list(budget.skipped)}
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(res, indent=2) + "\n")
+
     with _threads(opts.threads):
         res["machine"] = machine(device)
         if opts.timing_worker:  # a subprocess measuring only the given arms (used for wandb)
@@ -1271,21 +1401,28 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return res
         # 1. Step time: every arm side by side, then the head-to-head the targets are judged on.
         res["trainer_step"] = _step_phase(
-            "side by side", wl_names, wl_all, in_process, steps, warmup, device, opts.seed
+            "side by side", wl_names, wl_all, in_process, steps, warmup, device, opts.seed, budget
         )
+        checkpoint("side by side")
         if wandb_arm is not None and wandb_arm.unavailable is None and not opts.quick:
-            res["wandb"] = _wandb_phase(wl_names[:1] if small else wl_names, steps, warmup, opts)
+            if budget.allows("wandb.watch"):
+                res["wandb"] = _wandb_phase(wl_names[:1] if small else wl_names, steps, warmup, opts)
         elif wandb_arm is not None:
             res["wandb_skipped"] = wandb_arm.unavailable or "skipped in --quick (run the full benchmark)"
         if h2h_steps and opts.h2h_repeats:
-            res["head_to_head"] = _h2h_phase(wl_names, h2h_steps, warmup, opts.h2h_repeats, opts)
+            h2h = _h2h_phase(wl_names, h2h_steps, warmup, opts.h2h_repeats, opts, budget)
+            if h2h:
+                res["head_to_head"] = h2h
         _drop_raw(res["trainer_step"])
         for block in res.get("wandb", {}).values():
             _drop_raw({"": block})
+        checkpoint("head-to-head")
         # 2. Host syncs: GradGuard default and trace mode, each alone, healthy run, steady state.
         res["host_syncs"] = {}
         sync_arms = [all_arms[n] for n in ("bare", "gradguard", "gradguard_trace")]
         for w in wl_names[:1] if opts.quick else wl_names:
+            if not budget.allows(f"host syncs: {w}"):
+                continue
             res["host_syncs"][w] = {}
             for a in sync_arms:
                 if a.unavailable is not None:
@@ -1293,6 +1430,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     continue
                 _log(f"host syncs: {w} / {a.name}")
                 res["host_syncs"][w][a.name] = count_syncs(wl_all[w], a, 3 if small else 10, warmup, device)
+                row = res["host_syncs"][w][a.name]
+                if "gradguard_cuda_sync_warnings_per_step_max" in row:
+                    _log(
+                        f"  CUDA sync-debug warnings per step: gradguard's max "
+                        f"{row['gradguard_cuda_sync_warnings_per_step_max']}, whole step (median) "
+                        f"{row['all_cuda_sync_warnings_per_step_median']}; gradguard's sites "
+                        f"{row['gradguard_cuda_sync_sites']}"
+                    )
+        checkpoint("host syncs")
         # 3. Peak memory, a fresh process per arm.
         if not opts.no_memory:
             res["memory"] = {}
@@ -1300,18 +1446,26 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             reps = opts.memory_reps or (1 if small else 2)
             mem_wls = [w for w in wl_names if w != "llava_lora"][: 1 if small else 2]
             for w in mem_wls:
+                if not budget.allows(f"peak memory: {w}"):
+                    continue
                 _log(f"peak memory: {w} ({reps} x {mem_arms})")
                 res["memory"][w] = measure_memory(w, mem_arms, 3 if small else 10, reps, device, opts.smoke)
+            checkpoint("peak memory")
         # 4. The static audit at scale.
         if not opts.no_audit:
             res["audit"] = []
             for shape in ["tiny (smoke)"] if opts.smoke else ["Llama-8B", "Llama-70B"]:
+                if not budget.allows(f"audit at scale: {shape}"):
+                    continue
                 _log(f"audit at scale: {shape}")
                 res["audit"].append(bench_audit(shape, repeats=2 if opts.smoke else 5))
         if opts.profile:
             res["profile"] = profile_gradguard(wl_all[wl_names[0]], warmup + steps, device)
             print(res["profile"], file=sys.stderr)
     res["machine"]["load_average_at_end"] = list(os.getloadavg())
+    res.pop("partial", None)
+    if budget.skipped:
+        res["skipped"] = {"budget_s": opts.budget_s, "what": budget.skipped}
     res["targets"] = evaluate_targets(res)
     _emit(res, opts)
     return res

@@ -86,6 +86,33 @@ def test_llava_projector_linear_is_localised(tmp_path) -> None:
     assert (loc["group"], loc["role"], loc["verdict"]) == ("model.multi_modal_projector", "connector", "deterministic")
 
 
+def test_head_output_is_judged_by_the_loss_and_a_nan_there_is_still_localised(tmp_path) -> None:
+    """The logits a returned loss was computed from are not read again (the loss's check covers them, and
+    they are the step's largest activation); logits without a loss still are. A NaN born in ``lm_head``
+    is a loss fault that names the head, and the replay pins it to the module."""
+    model = tiny_llama()
+    batch = make_batch(model)
+    guard = Guard(model, console=False)
+    model(**batch).loss.backward()
+    assert guard.check()
+    assert [g for g, _, _ in guard.last.group_outputs] == ["model"]  # lm_head: covered by the loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits  # a loss computed outside the model: the head's output is read
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    assert guard.check()
+    assert [g for g, _, _ in guard.last.group_outputs] == ["model", "lm_head"]
+    guard.close()
+
+    model = tiny_llama()
+    with inject_nan(model.lm_head, start=2):
+        train(model, tmp_path, GradGuard(console=False, strict=True), max_steps=2)
+    report = Report.load(tmp_path)
+    assert report.fault is not None and report.fault.kind == "nonfinite_loss"
+    assert "the head (`lm_head`" in report.fault.message and report.fault.origin.phase == "forward"
+    loc = localization(tmp_path)
+    assert (loc["module"], loc["group"], loc["role"], loc["verdict"]) == ("lm_head", "lm_head", "head", "deterministic")
+
+
 def test_backward_only_nan_is_localised_to_its_decoder_layer(tmp_path) -> None:
     model = tiny_llama()
     with inject_nan(model.model.layers[1].mlp, phase="backward", start=2):

@@ -49,7 +49,7 @@ TARGETS = {
     "gradguard.engine.guard.detect_fault": "fault detector",
     "gradguard.engine.detectors.Trends.update": "trend detectors",
     "gradguard.engine.history.History.add": "history",
-    "gradguard.engine.policy.agree": "rank agreement",
+    "gradguard.engine.guard._stack_scalars": "per-step packing (check)",
     "gradguard.engine.guard.audit_requires_grad": "start: static audit",
     "gradguard.engine.guard.environment": "start: environment",
     "gradguard.engine.guard.params_bad": "close: final weight check",

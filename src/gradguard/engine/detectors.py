@@ -182,7 +182,16 @@ def detect_fault(
             ),
         )
     elif loss_bad:
-        where = "every group's forward output was finite, so the loss computation itself produced it"
+        micro = loss_bad[0][0]
+        seen = {g for g, m, _ in stats.group_outputs if m == micro}
+        unchecked = [g for g, c in groups.items() if c.role == "head" and g not in seen]  # the loss covers it
+        if unchecked:
+            where = (
+                f"every checked forward output was finite, so the head (`{unchecked[0]}`, whose logits the loss "
+                "check covers) or the loss computation produced it"
+            )
+        else:
+            where = "every group's forward output was finite, so the loss computation itself produced it"
         o, hint = (
             origin("forward", None, micro=loss_bad[0][0]),
             ("check the loss inputs: logits overflowing in fp16, labels out of range, or a custom loss"),

@@ -347,57 +347,68 @@ class Guard:
             self.tracer.reset()
 
     def _collect(self) -> tuple[StepStats, bool]:
-        """Pack this step's device tensors, agree across ranks, and read them with one host sync."""
+        """Pack this step's device tensors, agree across ranks, and read them with one host sync.
+
+        Everything this step recorded (losses, token counts, abs-maxes, per-group gradient reductions)
+        goes into one vector, read with one ``tolist()``. It is the guard's whole per-step cost outside
+        the hooks, so it is kept to a handful of tensor ops.
+        """
         probes = self.probes
         assert probes is not None
-        device = _device_of(self.model)
+        probes.settle()  # heads' outputs no returned loss covered (a loss computed outside the model)
+        device = probes.device
         norms = probes.local_norms(device)
         micro = probes.micro
         losses = [m.loss for m in micro if m.loss is not None]
         weights = [m.loss_weight for m in micro if m.loss is not None and m.loss_weight is not None]
         supervised = [m.supervised for m in micro]
         inputs = [(m.index, k, v) for m in micro for k, v in m.inputs]
-        outs = probes.group_outputs
+        outs = [(g, m, v) for g, m, v in probes.group_outputs if v is not None]
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         scaler_active = isinstance(scale, torch.Tensor)
         check_params = self.step % self.param_check_every == 0
-
-        def vec(ts: Sequence[torch.Tensor]) -> torch.Tensor:
-            return torch.stack([t.to(device).float().reshape(()) for t in ts]) if ts else norms[:0]
-
-        parts = {
-            "losses": vec(losses),
-            "loss_weights": vec(weights) if len(weights) == len(losses) else norms[:0],
-            "supervised": vec([s for s in supervised if s is not None]),
-            "inputs": vec([v for _, _, v in inputs]),
-            "outputs": vec([v for _, _, v in outs]),
+        # The scalars, in this order; their counts say where each part lies in the packed vector.
+        scalar_parts: dict[str, list[torch.Tensor]] = {
+            "losses": losses,
+            "inputs": [v for _, _, v in inputs],
+            "loss_weights": weights if len(weights) == len(losses) else [],
+            "supervised": [s for s in supervised if s is not None],
+            "outputs": [v for _, _, v in outs],
+            "scale": [scale] if isinstance(scale, torch.Tensor) else [],
+            "params_bad": [params_bad(self.model)] if check_params else [],
         }
-        # This rank's fault flag (from its own values), and the squared norms of its gradient shards
-        # (FSDP2 / ZeRO): summed over the ranks in ONE small all-reduce, the only collective per step.
-        watched = [parts["losses"], parts["inputs"]] + ([] if scaler_active else [norms])
-        local_bad = (~torch.isfinite(torch.cat(watched))).any() if watched else torch.zeros((), dtype=torch.bool)
-        shard_ix, shard_w = probes.shard_index(device)
-        flags, shard_sumsq = policy.agree(
-            local_bad.to(device), pending=self._pending_stop is not None, sumsq=norms[shard_ix].square() * shard_w
-        )
-        if shard_ix.numel():  # full-tensor norms of the sharded parameters, without gathering any tensor
-            norms = norms.index_copy(0, shard_ix, shard_sumsq.sqrt())
-        red = probes.reduce_grads(device, norms)
-        parts.update(
-            group_sumsq=red["group_sumsq"],
-            group_nonfinite=red["group_nonfinite"],
-            group_nonzero=red["group_nonzero"],
-            scale=vec([scale]) if isinstance(scale, torch.Tensor) else norms[:0],
-            params_bad=vec([params_bad(self.model)]) if check_params else norms[:0],
-            flags=flags,
-        )
-        sizes = [p.numel() for p in parts.values()]
-        packed = torch.cat([p.reshape(-1).float() for p in parts.values()]).tolist()  # the one host sync
+        scalars = _stack_scalars([t for ts in scalar_parts.values() for t in ts], device)
+        sizes = {k: len(ts) for k, ts in scalar_parts.items()}
+        flags = None
+        if policy.world() > 1:
+            # This rank's fault flag (from its own values), and the squared norms of its gradient shards
+            # (FSDP2 / ZeRO): summed over the ranks in ONE small all-reduce, the only collective per step.
+            watched = [scalars[: sizes["losses"] + sizes["inputs"]]] + ([] if scaler_active else [norms])
+            local_bad = (~torch.isfinite(torch.cat(watched))).any()
+            shard_ix, shard_w = probes.shard_index(device)
+            flags, shard_sumsq = policy.agree(
+                local_bad, pending=self._pending_stop is not None, sumsq=norms[shard_ix].square() * shard_w
+            )
+            if shard_ix.numel():  # full-tensor norms of the sharded parameters, without gathering any tensor
+                norms = norms.index_copy(0, shard_ix, shard_sumsq.sqrt())
+        per_group, module_sumsq = probes.reduce_grads(device, norms)
+        tail = [per_group.reshape(-1)] + ([flags.float()] if flags is not None else [])
+        packed = torch.cat([scalars, *tail]).tolist()  # the one host sync
         values: dict[str, list[float]] = {}
         at = 0
-        for key, n in zip(parts, sizes):
+        for key, n in sizes.items():
             values[key] = packed[at : at + n]
             at += n
+        g = len(probes.group_names)
+        group_rows = [packed[at + 3 * i : at + 3 * i + 3] for i in range(g)]
+        at += 3 * g
+        if flags is not None:
+            self.rank_flags = [int(v) for v in packed[at:]]
+        else:  # one process: the flag is this step's own values, read on the host
+            watched_values = values["losses"] + values["inputs"]
+            bad = not all(map(math.isfinite, watched_values))
+            bad |= not scaler_active and any(row[1] for row in group_rows)
+            self.rank_flags = [int(bad or self._pending_stop is not None)]
 
         names = probes.group_names
         sup_iter = iter(values["supervised"])
@@ -409,16 +420,16 @@ class Guard:
             supervised=[int(next(sup_iter)) if s is not None else None for s in supervised],
             inputs=[(m, k, v) for (m, k, _), v in zip(inputs, values["inputs"])],
             group_outputs=[(names[g], m, v) for (g, m, _), v in zip(outs, values["outputs"])],
-            group_norm={n: math.sqrt(v) if v >= 0 else v for n, v, f in zip(names, values["group_sumsq"], fired) if f},
-            group_nonfinite={n: int(v) for n, v in zip(names, values["group_nonfinite"])},
-            group_nonzero={n: int(v) for n, v in zip(names, values["group_nonzero"])},
+            group_norm={n: math.sqrt(r[0]) if r[0] >= 0 else r[0] for n, r, f in zip(names, group_rows, fired) if f},
+            group_nonfinite={n: int(r[1]) for n, r in zip(names, group_rows)},
+            group_nonzero={n: int(r[2]) for n, r in zip(names, group_rows)},
             group_fired=dict(zip(names, fired)),
             scaler_active=scaler_active,
             loss_scale=values["scale"][0] if values["scale"] else None,
         )
         if self._module_norms is not None:
             self._module_window.append(self._module_norms)  # device tensors: no sync unless a fault reads them
-        self._module_norms = red["module_norms"]
+        self._module_norms = module_sumsq.sqrt()
         if values["params_bad"] and values["params_bad"][0] > 0:
             self._record(
                 [
@@ -431,7 +442,6 @@ class Guard:
                     )
                 ]
             )
-        self.rank_flags = [int(v) for v in values["flags"]]
         return stats, any(self.rank_flags)
 
     def _decide(self, stats: StepStats, agreed_bad: bool) -> Fault | None:
@@ -765,6 +775,16 @@ def _device_of(model: nn.Module) -> torch.device:
         if not p.is_meta:
             return p.device
     return torch.device("cpu")
+
+
+def _stack_scalars(scalars: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-d (or one-element) tensors as one fp32 vector on ``device``: one ``stack`` in the usual case."""
+    if not scalars:
+        return torch.zeros(0, device=device)
+    try:
+        return torch.stack([t.reshape(()) if t.dim() else t for t in scalars]).to(device, torch.float32)
+    except RuntimeError:  # scalars on several devices (a model split across GPUs)
+        return torch.stack([t.reshape(()).to(device, torch.float32) for t in scalars])
 
 
 def params_bad(model: nn.Module) -> torch.Tensor:

@@ -9,7 +9,9 @@ step's worth into a single packed tensor, so the guard reads it with one host sy
 - the raw loss, supervised-token count and input finiteness: one forward hook (with kwargs) on the top
   model, reading ``outputs.loss`` before the Trainer's bookkeeping can filter it.
 - forward finiteness per group: a forward hook on each group's root module, reducing the primary output
-  to its abs-max (NaN/Inf propagate through max; no temporary the size of the activation).
+  to its abs-max (NaN/Inf propagate through max; no temporary the size of the activation). A head's
+  output is judged when the forward ends: when it is the ``logits`` the returned loss was computed from,
+  the loss's own check covers it and the logits (often the step's largest activation) are not read.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ def find_loss(out: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
 
 
+def _logits(out: Any) -> torch.Tensor | None:
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
 def rng_state() -> dict[str, Any]:
     """CPU and CUDA generator states (host-side copies; no device sync)."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
@@ -122,7 +129,10 @@ def own_mean_loss(
     else:
         targets = labels
     own = (targets != IGNORE_INDEX).sum().to(loss.device).float()
-    total = torch.as_tensor(items, device=loss.device).float().reshape(())
+    if isinstance(items, torch.Tensor):
+        total = items.to(loss.device, non_blocking=True).float().reshape(())
+    else:  # a Python number: filled on the device, no host-to-device copy to wait for
+        total = torch.full((), float(items), device=loss.device)
     return torch.where(own > 0, loss * total / own.clamp(min=1), loss), own
 
 
@@ -194,10 +204,11 @@ class Probes:
             self._handles.append(self.model.register_forward_pre_hook(self._pre_hook))
         self._handles.append(self.model.register_forward_hook(self._top_hook, with_kwargs=True))
         for gi, name in enumerate(self.group_names):
+            defer = self.gmap.groups[name].role == "head"
             for module in self.gmap.roots.get(name, []):
                 if module is self.model:
                     continue
-                self._handles.append(module.register_forward_hook(self._group_hook(gi)))
+                self._handles.append(module.register_forward_hook(self._group_hook(gi, defer)))
 
     def own(self, handle: Any) -> None:
         """Keep ``handle`` (anything with ``remove()``) to be removed with the hooks on :meth:`detach`."""
@@ -217,7 +228,8 @@ class Probes:
         """Forget the current step (after it was collected, or when a step is abandoned)."""
         self.grad_slots: list[torch.Tensor | None] = [None] * len(self.params)
         self.grad_order: list[int] = []  # param indices in the order their grads were accumulated
-        self.group_outputs: list[tuple[int, int, torch.Tensor]] = []  # (group, micro-batch, abs-max)
+        self.group_outputs: list[tuple[int, int, torch.Tensor | None]] = []  # (group, micro-batch, abs-max)
+        self._deferred: list[tuple[int, torch.Tensor]] = []  # (index in group_outputs, a head's output)
         self.micro: list[MicroBatch] = []
         self._pending_rng: dict[str, Any] = {}
 
@@ -248,6 +260,7 @@ class Probes:
                 return  # evaluation / generation: not a training micro-batch
             mb = MicroBatch(index=len(self.micro))
             loss = find_loss(out)
+            self.settle(_logits(out) if loss is not None else None)
             if loss is not None:
                 mb.loss = loss.detach().float()
             labels = kwargs.get("labels")
@@ -269,18 +282,39 @@ class Probes:
         except Exception as exc:
             self._fail(exc)
 
-    def _group_hook(self, gi: int) -> Callable[[nn.Module, Any, Any], None]:
+    def _group_hook(self, gi: int, defer: bool = False) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if not torch.is_grad_enabled():
                 return  # evaluation / generation
             try:
                 t = primary_tensor(out)
-                if t is not None:
+                if t is None:
+                    return
+                if defer:  # a head: judged by settle() once the forward has returned (or at check time)
+                    self._deferred.append((len(self.group_outputs), t))
+                    self.group_outputs.append((gi, len(self.micro), None))
+                else:
                     self.group_outputs.append((gi, len(self.micro), _absmax(t)))
             except Exception as exc:
                 self._fail(exc)
 
         return hook
+
+    def settle(self, covered: torch.Tensor | None = None) -> None:
+        """Reduce the heads' deferred outputs, in place; drop the one that is ``covered`` (the logits a
+        finite-checked loss was computed from: the loss's check covers them)."""
+        if not self._deferred:
+            return
+        deferred, self._deferred = self._deferred, []  # rebind, never mutate: replays snapshot attributes
+        dropped = set()
+        for i, t in deferred:
+            if t is covered:
+                dropped.add(i)
+            else:
+                gi, micro, _ = self.group_outputs[i]
+                self.group_outputs[i] = (gi, micro, _absmax(t))
+        if dropped:
+            self.group_outputs = [e for i, e in enumerate(self.group_outputs) if i not in dropped]
 
     def _fail(self, exc: BaseException) -> None:
         if self._on_error is None:
@@ -288,12 +322,24 @@ class Probes:
         self._on_error(exc)
 
     # -- per-step reduction (on device) ----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where a step's statistics are gathered: the first trainable parameter's device."""
+        for _, p in self.params:
+            if not p.is_meta:
+                return p.device
+        return torch.device("cpu")
+
     def local_norms(self, device: torch.device) -> torch.Tensor:
         """This rank's per-parameter gradient norms (0 where no gradient arrived), on ``device``."""
         zero = torch.zeros((), device=device)
         if not self.params:
             return zero[None][:0]
-        return torch.stack([s.to(device) if s is not None else zero for s in self.grad_slots])
+        slots = [s if s is not None else zero for s in self.grad_slots]
+        try:
+            return torch.stack(slots).to(device)
+        except RuntimeError:  # gradients on several devices (a model split across GPUs)
+            return torch.stack([s.to(device) for s in slots])
 
     def set_shard_weights(self, weights: dict[int, float]) -> None:
         """Declare which parameters' gradients are split across ranks (index into ``params`` -> weight)."""
@@ -310,11 +356,15 @@ class Probes:
             )
         return self._shard_cache[device]
 
-    def reduce_grads(self, device: torch.device, norms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-param norms and their per-group / per-module reductions, all on ``device``.
+    def reduce_grads(
+        self, device: torch.device, norms: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group and per-module reductions of the per-parameter norms, on ``device``.
 
-        ``norms`` overrides the per-parameter norms (the guard passes them with the sharded entries
-        already summed across ranks); by default this rank's :meth:`local_norms`.
+        Returns ``(per_group, module_sumsq)``: ``per_group[g]`` is (sum of squared norms, tensors with a
+        non-finite norm, tensors with a non-zero norm) of group ``g``; ``module_sumsq[m]`` the squared norm
+        of module ``m``. ``norms`` overrides the per-parameter norms (the guard passes them with the
+        sharded entries already summed across ranks); by default this rank's :meth:`local_norms`.
         """
         if norms is None:
             norms = self.local_norms(device)
@@ -325,19 +375,10 @@ class Probes:
             )
         gidx, midx = self._index_cache[device]
         sq = norms.square()
-        g = len(self.group_names)
-        group_sumsq = torch.zeros(g, device=device).index_add_(0, gidx, sq)
-        finite = torch.isfinite(norms)
-        group_nonfinite = torch.zeros(g, device=device).index_add_(0, gidx, (~finite).float())
-        group_nonzero = torch.zeros(g, device=device).index_add_(0, gidx, (norms != 0).float())
+        per_param = torch.stack([sq, (~torch.isfinite(norms)).float(), (norms != 0).float()], dim=1)
+        per_group = torch.zeros(len(self.group_names), 3, device=device).index_add_(0, gidx, per_param)
         module_sumsq = torch.zeros(len(self.modules), device=device).index_add_(0, midx, sq)
-        return {
-            "norms": norms,
-            "group_sumsq": group_sumsq,
-            "group_nonfinite": group_nonfinite,
-            "group_nonzero": group_nonzero,
-            "module_norms": module_sumsq.sqrt(),
-        }
+        return per_group, module_sumsq
 
     def fired_per_group(self) -> list[int]:
         counts = [0] * len(self.group_names)

@@ -1,0 +1,405 @@
+"""gradguard on a GPU: the observational guarantee, the one host sync per step, and a NaN stopped and localised.
+
+Skipped where CUDA is absent (CI). ``GRADGUARD_TEST_DEVICE=cpu`` runs the very same tests on CPU, which is
+how their logic is checked without a GPU; there the sync count uses a Python-level shim (``.item()``,
+``.tolist()`` … called from a gradguard frame) instead of CUDA's sync-debug mode. ``GRADGUARD_TEST_DEVICE=cuda``
+turns a missing GPU into a failure instead of a skip.
+
+Self-contained on purpose: no gradguard pytest plugin (absent when gradguard is not pip-installed), no
+jsonschema needed (used when installed), no peft or trl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+
+def _device() -> str | None:
+    wanted = os.environ.get("GRADGUARD_TEST_DEVICE", "").strip().lower()
+    if wanted:
+        return wanted
+    return "cuda" if torch.cuda.is_available() else None
+
+
+DEVICE = _device()
+CUDA = DEVICE is not None and DEVICE.startswith("cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="no CUDA device (GRADGUARD_TEST_DEVICE=cpu runs these tests on CPU)"
+)
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "src" / "gradguard" / "report" / "schema.json"
+TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+@pytest.fixture(autouse=True)
+def _on_device() -> Iterator[None]:
+    if CUDA and not torch.cuda.is_available():
+        pytest.fail(f"GRADGUARD_TEST_DEVICE={DEVICE} but torch.cuda.is_available() is False")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one CPU thread is faster and steadier
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def tiny_model(attn: str = "eager") -> nn.Module:
+    """The tiny Llama of gradguard.testing.models. Eager attention: its CUDA kernels are run-to-run
+    deterministic, so a bitwise comparison tests gradguard, not the attention kernel."""
+    from gradguard.testing.models import tiny_llama
+
+    return tiny_llama(seed=0, attn_implementation=attn)
+
+
+def trainer(model: nn.Module, out: Path, *, steps: int, bf16: bool = False, callbacks: Any = ()) -> Any:
+    from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
+
+    from gradguard.testing.models import TinyDataset
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        bf16=bf16,  # autocast (CUDA, or CPU when GRADGUARD_TEST_DEVICE=cpu)
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not CUDA,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    tr = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TinyDataset(model, n=2 * steps),
+        data_collator=default_data_collator,
+        callbacks=list(callbacks),
+    )
+    tr.remove_callback(PrinterCallback)  # a log line per step: noise in the device log
+    return tr
+
+
+def host_copy(obj: Any) -> Any:
+    """A host copy of every tensor in a (nested) state dict, for bitwise comparison after training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+def flat(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flat(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from flat(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+def outcome(tr: Any) -> dict[str, Any]:
+    """What a training run produced: the Trainer's own logs, the weights, the optimizer state (host copies)."""
+    logs = [
+        {k: v for k, v in row.items() if not k.startswith("gradguard/") and k not in TIMING_KEYS}
+        for row in tr.state.log_history
+    ]
+    return {
+        "logs": logs,
+        "weights": host_copy(tr.model.state_dict()),
+        "optimizer": dict(flat(host_copy(tr.optimizer.state_dict()))),
+    }
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Everything that is not bitwise equal between two outcomes (empty: identical)."""
+    diff = []
+    if a["logs"] != b["logs"]:
+        diff.append(f"Trainer logs: {a['logs']} != {b['logs']}")
+    wa, wb = a["weights"], b["weights"]
+    if wa.keys() != wb.keys():
+        diff.append("weight names")
+    diff += [f"weight {k}" for k in wa if k in wb and not torch.equal(wa[k], wb[k])]
+    oa, ob = a["optimizer"], b["optimizer"]
+    if oa.keys() != ob.keys():
+        diff.append("optimizer state keys")
+    for k, va in oa.items():
+        vb = ob.get(k)
+        same = torch.equal(va, vb) if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) else va == vb
+        if not same:
+            diff.append(f"optimizer {k}")
+    return diff
+
+
+def check_report_json(path: Path) -> dict[str, Any]:
+    """The report file is valid JSON, validates against the published schema (when jsonschema is installed)
+    and loads back into a Report."""
+    from gradguard.report.model import Report
+
+    data = json.loads(path.read_text())
+    try:
+        import jsonschema
+    except ImportError:  # not a gradguard dependency; the GPU machine may lack it
+        jsonschema = None
+    if jsonschema is not None:
+        jsonschema.validate(data, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
+    Report.from_dict(data)
+    return data
+
+
+# -- 1. a healthy run with GradGuard() is bitwise identical to one without ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bf16", "attn"),
+    [
+        pytest.param(False, "eager", id="fp32"),
+        pytest.param(True, "eager", id="bf16-autocast"),
+        pytest.param(True, "sdpa", id="bf16-autocast-sdpa"),
+    ],
+)
+def test_healthy_trainer_run_is_bitwise_identical_with_the_guard(tmp_path: Path, bf16: bool, attn: str) -> None:
+    from gradguard import GradGuard
+
+    steps = 4
+    bare_tr = trainer(tiny_model(attn), tmp_path / "bare", steps=steps, bf16=bf16)
+    bare_tr.train()
+    bare = outcome(bare_tr)
+    guard = GradGuard(console=False)
+    guarded_tr = trainer(tiny_model(attn), tmp_path / "guarded", steps=steps, bf16=bf16, callbacks=[guard])
+    guarded_tr.train()
+    guarded = outcome(guarded_tr)
+
+    assert next(guarded_tr.model.parameters()).device.type == torch.device(DEVICE).type
+    assert guard.guard is not None and not guard.guard.disabled, "gradguard disabled itself on a healthy run"
+    report = check_report_json(tmp_path / "guarded" / "gradguard-report.json")
+    assert report["status"] == "healthy", report
+    assert report["environment"]["device"].startswith(torch.device(DEVICE).type)
+    # the runs trained (a no-op run would be trivially identical): a loss per step, weights moved
+    assert len(bare["logs"]) == steps + 1 and all("loss" in row for row in bare["logs"][:-1])
+    fresh = host_copy(tiny_model(attn).state_dict())
+    assert any(not torch.equal(fresh[k], guarded["weights"][k]) for k in fresh)
+
+    diff = differences(bare, guarded)
+    if diff:
+        # Tell gradguard's fault apart from a platform that is not run-to-run deterministic.
+        again_tr = trainer(tiny_model(attn), tmp_path / "bare-again", steps=steps, bf16=bf16)
+        again_tr.train()
+        noise = differences(bare, outcome(again_tr))
+        if noise:
+            pytest.xfail(f"two bare runs already differ on {DEVICE} ({attn}): {noise[:3]}")
+        pytest.fail(f"GradGuard changed training on {DEVICE} ({attn}, bf16={bf16}): {diff[:5]}")
+
+
+# -- 2. steady state: at most one host sync per optimizer step caused by gradguard ------------------------
+
+
+def _in_gradguard(frame: Any) -> str | None:
+    """The innermost gradguard frame on the stack (not gradguard.testing: that is the harness), or None."""
+    while frame is not None:
+        mod = frame.f_globals.get("__name__", "")
+        if mod == "gradguard" or (mod.startswith("gradguard.") and not mod.startswith("gradguard.testing")):
+            return f"{mod}:{frame.f_code.co_name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+class SyncWatch:
+    """Counts host syncs, split into gradguard's (a gradguard frame on the stack) and everyone's.
+
+    CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronizing CUDA call (``.item()``,
+    ``.tolist()``, a blocking copy, ``nonzero`` …) warn; each warning is attributed by the Python stack it is
+    raised on (the autograd thread's, for a gradient hook). CPU: nothing waits, so the calls that *would*
+    wait on a GPU are counted by a shim around ``Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__/
+    __index__`` (what benchmarks/run.py does on CPU).
+    """
+
+    _METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.total = 0
+        self.gradguard = 0
+        self.sites: dict[str, int] = {}
+        self._saved: list[tuple[str, Any, bool]] = []
+
+    def _count(self, frame: Any) -> None:
+        self.total += 1
+        site = _in_gradguard(frame)
+        if site is not None:
+            self.gradguard += 1
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+    def _on_warning(self, message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        if "synchroniz" in str(message).lower():
+            self._count(sys._getframe(1))
+            return
+        self._show(message, category, *rest, **kw)
+
+    def _wrap(self, orig: Any) -> Any:
+        watch = self
+
+        def wrapper(self_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            watch._count(sys._getframe(1))
+            return orig(self_, *args, **kwargs)
+
+        return wrapper
+
+    def __enter__(self) -> SyncWatch:
+        if self.cuda:
+            self._ctx = warnings.catch_warnings()
+            self._ctx.__enter__()
+            # "always": the default action shows a warning once per line, which would undercount
+            warnings.filterwarnings("always", message=".*synchroniz")
+            self._show = warnings.showwarning
+            warnings.showwarning = self._on_warning
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            for name in self._METHODS:
+                orig = getattr(torch.Tensor, name)
+                self._saved.append((name, orig, name in torch.Tensor.__dict__))
+                setattr(torch.Tensor, name, self._wrap(orig))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._show
+            self._ctx.__exit__(None, None, None)
+        for name, orig, own in reversed(self._saved):
+            if own:
+                setattr(torch.Tensor, name, orig)
+            else:
+                delattr(torch.Tensor, name)
+        self._saved.clear()
+
+
+def test_steady_state_host_syncs_caused_by_gradguard(tmp_path: Path) -> None:
+    from gradguard import Guard
+    from gradguard.engine.guard import params_finite
+    from gradguard.testing.models import make_batch
+
+    device = torch.device(DEVICE)
+    model = tiny_model("sdpa").to(device)  # the default attention: what users run
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = {k: v.to(device) for k, v in make_batch(model, batch_size=2, seq_len=24).items()}
+    guard = Guard(model, optimizer, console=False, strict=True, report_dir=tmp_path)
+    warmup, steps = 3, 12
+    per_step: list[int] = []
+    with SyncWatch(cuda=CUDA) as watch:
+        # The harness sees syncs and attributes them: the test's own read is not gradguard's, a read inside
+        # gradguard (params_finite: one .item()) is exactly one of gradguard's.
+        torch.ones((), device=device).item()
+        assert watch.total >= 1 and watch.gradguard == 0, f"the harness does not see host syncs: {watch.sites}"
+        assert params_finite(model)
+        assert watch.gradguard == 1, f"harness attribution is off: {watch.sites}"
+        watch.sites.clear()
+        for _ in range(warmup + steps):
+            at = watch.gradguard
+            loss = model(**batch).loss
+            loss.backward()
+            ok = guard.check()  # a Python bool: gradguard's one read happens inside
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            per_step.append(watch.gradguard - at)
+            assert ok is True
+    report = guard.close()
+    assert report.status == "healthy", report
+    steady = per_step[warmup:]
+    mode = "CUDA sync-debug warnings" if CUDA else "Python-level sync calls (CPU shim)"
+    print(f"\n{mode} from gradguard per step: {per_step} (first {warmup} = warm-up); sites {watch.sites}")
+    assert max(steady) <= 1, f"gradguard caused more than one host sync in a steady step: {per_step} {watch.sites}"
+    assert sum(steady) >= 1, f"gradguard's per-step read was not seen at all: {per_step}"
+
+
+# -- 3. a NaN on the device is stopped before the optimizer step and localised ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("phase", "bf16", "where", "expected"),
+    [
+        pytest.param("forward", True, "o_proj", "model.layers.0.self_attn.o_proj", id="forward-bf16-autocast"),
+        pytest.param("backward", False, "mlp", "model.layers.1.mlp", id="backward-fp32"),
+    ],
+)
+def test_nan_is_stopped_before_the_update_and_localised(
+    tmp_path: Path, phase: str, bf16: bool, where: str, expected: str
+) -> None:
+    from transformers import TrainerCallback
+
+    from gradguard import GradGuard
+    from gradguard.report.model import Report
+    from gradguard.testing.faults import inject_nan
+
+    model = tiny_model("sdpa")
+    target = model.model.layers[0].self_attn.o_proj if where == "o_proj" else model.model.layers[1].mlp
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(TrainerCallback):  # the weights as they were before the faulty step 3
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2:
+                before.update(host_copy(dict(model.named_parameters())))
+
+    guard = GradGuard(console=False, strict=True)
+    tr = trainer(model, tmp_path, steps=6, bf16=bf16, callbacks=[guard, Snapshot()])
+    with inject_nan(target, phase=phase, start=3):  # type: ignore[arg-type]
+        tr.train()
+
+    assert next(model.parameters()).device.type == torch.device(DEVICE).type
+    assert tr.state.global_step == 3, "training did not stop at the faulty step"
+    data = check_report_json(tmp_path / "gradguard-report.json")
+    report = Report.load(tmp_path)
+    fault = report.fault
+    assert report.status == "fault" and fault is not None, data
+    assert fault.step == 3
+    assert fault.kind in ("nonfinite_loss", "nonfinite_grad", "nonfinite_output"), fault.kind
+    if phase == "backward":
+        assert fault.kind == "nonfinite_grad"
+    assert (fault.origin.phase, fault.origin.group, fault.origin.role, fault.origin.trainable) == (
+        phase,
+        "model",
+        "language",
+        True,
+    )
+    # Stopped before the optimizer step: the weights are finite and bitwise what they were before step 3.
+    assert fault.weights_intact
+    after = host_copy(dict(model.named_parameters()))
+    assert before and before.keys() == after.keys()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert [n for n in before if not torch.equal(before[n], after[n])] == []
+    # Localised to the module the NaN was injected into, by a replay that reproduced it.
+    loc = fault.localization
+    assert loc is not None, data["fault"]
+    assert (loc["module"], loc["phase"], loc["verdict"], loc["source"]) == (expected, phase, "deterministic", "replay")
+    assert (loc["group"], loc["role"], loc["trainable"]) == ("model", "language", True)
+    frames = loc["frames"]
+    assert frames and frames[-1].get("output_absmax", frames[-1].get("absmax")) == "NaN"
+    assert all(
+        isinstance(v, float) and math.isfinite(v)
+        for f in frames[:-1]
+        for k, v in f.items()
+        if k in ("output_absmax", "absmax")
+    )
+    if phase == "backward":
+        assert loc["gradient_into"] == f"{expected}.down_proj"
+    assert report.environment["device"].startswith(torch.device(DEVICE).type)
