@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,8 @@ class Workload:
     batch_size: int
     seq_len: int
     step_scale: int = 1  # fast workloads run this many times more steps (same wall time, less noise)
+    args: Mapping[str, Any] = field(default_factory=dict)  # extra TrainingArguments (e.g. bf16)
+    default: bool = True  # in the default set; False: only when named in --workloads (GPU-sized)
 
 
 def _llama(smoke: bool = False) -> nn.Module:
@@ -129,6 +131,22 @@ def _llama(smoke: bool = False) -> nn.Module:
         }
         return LlamaForCausalLM(LlamaConfig(**{**base, **sizes}))
     return tiny_llama(seed=0, **sizes)
+
+
+def _llama_250m() -> nn.Module:
+    # A GPU-sized step (~250M parameters, 8 x 512 tokens in bf16): where a real fine-tune's time goes.
+    from gradguard.testing.models import tiny_llama
+
+    return tiny_llama(
+        seed=0,
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    )
 
 
 def _lora(model: nn.Module, targets: list[str], modules_to_save: list[str] | None = None) -> nn.Module:
@@ -168,6 +186,15 @@ def workloads(smoke: bool = False) -> dict[str, Workload]:
                 batch,
                 seq,
                 step_scale=1 if smoke else 3,
+            ),
+            Workload(
+                "llama_250m",
+                "Llama (hidden 1024, 16 layers, vocab 32000; 250M) full fine-tune, bf16, 8 x 512 tokens (GPU-sized)",
+                _llama_250m if not smoke else (lambda: _llama(smoke)),
+                8 if not smoke else batch,
+                512 if not smoke else seq,
+                args={"bf16": True} if not smoke else {},
+                default=False,
             ),
         ]
     }
@@ -464,7 +491,7 @@ def build_trainer(
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         seed=0,
-        **arm.args,
+        **{**workload.args, **arm.args},
     )
     callbacks = [*arm.callbacks(out), *extra_callbacks]
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks)
@@ -1353,7 +1380,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     h2h_steps = opts.h2h_steps if opts.h2h_steps is not None else (0 if small or opts.arms else steps)
     warmup = opts.warmup if opts.warmup is not None else (1 if opts.smoke else 2 if opts.quick else 5)
     wl_all = workloads(opts.smoke)
-    wl_names = (opts.workloads or ("llama_full,llama_lora" if opts.quick else ",".join(wl_all))).split(",")
+    defaults = [w for w, wl in wl_all.items() if wl.default]
+    wl_names = (opts.workloads or ("llama_full,llama_lora" if opts.quick else ",".join(defaults))).split(",")
     all_arms = arms(include_wandb=not opts.no_wandb)
     arm_names = opts.arms.split(",") if opts.arms else list(all_arms)
     unknown = [n for n in wl_names if n not in wl_all] + [n for n in arm_names if n not in all_arms]

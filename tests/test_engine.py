@@ -151,3 +151,35 @@ def test_every_front_door_rejects_bad_options_at_construction() -> None:
         with pytest.raises(ValueError, match="trace must be None or 'full'"):
             make(trace="everything")
     assert GradGuardCallback(trace="full").trace == "full"
+
+
+def test_gradient_norms_are_pre_clip_per_backward_and_fall_back_at_check() -> None:
+    """Norms are taken when each backward ends (one fused call in one process), so clipping cannot change
+    them; with gradient accumulation they are the accumulated gradient's; a float64 or sparse gradient takes
+    the per-tensor path; and a gradient set by hand, without a backward, is not one the hooks report."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {"body": torch.nn.Linear(4, 4), "emb": torch.nn.Embedding(10, 4, sparse=True), "wide": torch.nn.Linear(4, 1)}
+    )
+    model["wide"].double()
+    guard = Guard(model, console=False)
+    assert guard.probes is not None and guard.probes.batched
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        h = model["body"](x) + model["emb"](torch.tensor([1, 2]))
+        return 100 * model["wide"](h.double()).sum()
+
+    for x in (torch.randn(2, 4), torch.randn(2, 4)):  # two micro-batches, accumulated
+        loss(x).backward()
+    expected = {g: math.sqrt(sum(p.grad.to_dense().norm().item() ** 2 for p in model[g].parameters())) for g in model}
+    torch.nn.utils.clip_grad_norm_([p for n, p in model.named_parameters() if "emb" not in n], 1e-3)
+    assert guard.check()
+    assert guard.last is not None and set(guard.last.group_norm) == set(expected)
+    for group, norm in expected.items():
+        assert math.isclose(guard.last.group_norm[group], norm, rel_tol=1e-5), (group, norm, guard.last.group_norm)
+
+    for p in model.parameters():  # no backward at all: the hooks never fire, nothing is read
+        p.grad = None
+    model["body"].weight.grad = torch.ones(4, 4)
+    assert guard.check() and guard.last.group_fired == {"body": 0, "emb": 0, "wide": 0}
+    guard.close()

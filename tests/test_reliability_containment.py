@@ -38,7 +38,7 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
 # (dotted target, where it runs). Every function gradguard calls during training, by the path it is
 # looked up at (``guard.detect_fault`` is imported by name into the guard module).
 TARGETS = {
-    "gradguard.engine.probes.grad_norm": "gradient hook (backward)",
+    "gradguard.engine.probes.Probes.take_norms": "gradient norms (end of backward)",
     "gradguard.engine.probes._absmax": "forward hooks (input / group output abs-max)",
     "gradguard.engine.probes.find_loss": "top-model forward hook",
     "gradguard.engine.probes.primary_tensor": "group forward hooks",
@@ -133,7 +133,7 @@ def test_internal_error_is_contained(
 @pytest.mark.parametrize(
     "target",
     [
-        "gradguard.engine.probes.grad_norm",
+        "gradguard.engine.probes.Probes.take_norms",
         "gradguard.engine.probes.find_loss",
         "gradguard.engine.guard.detect_fault",
         "gradguard.engine.guard.audit_requires_grad",

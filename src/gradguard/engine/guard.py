@@ -189,7 +189,9 @@ class Guard:
             self.probes.attach()
             from gradguard.integrations.deepspeed import attach as attach_deepspeed  # no deepspeed import
 
-            attach_deepspeed(self)  # under DeepSpeed, check inside its optimizer step
+            deepspeed = attach_deepspeed(self)  # under DeepSpeed, check inside its optimizer step
+            # Norms batched per backward only in one process with whole gradients (see engine.probes).
+            self.probes.batched = policy.world() == 1 and not self.probes.shard_weights and not deepspeed
             if self.localize or self.trace:
                 from gradguard.engine.trace import Tracer
 

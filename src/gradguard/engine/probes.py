@@ -5,7 +5,11 @@ step's worth into a single packed tensor, so the guard reads it with one host sy
 
 - gradients: ``register_post_accumulate_grad_hook`` on every trainable parameter. It fires during
   backward, before clipping (clipping with a NaN total norm turns every gradient into NaN, hiding the
-  origin), and also on FSDP2's DTensor parameters (where ``register_hook`` does not fire).
+  origin), and also on FSDP2's DTensor parameters (where ``register_hook`` does not fire). In one
+  process (``batched``) a hook only notes the parameter, and one ``torch._foreach_norm`` at the end of
+  each backward takes every norm: on a GPU that is one fused kernel instead of a launch per tensor.
+  Across ranks each hook takes its own norm at once, before the gradient reduction can touch the
+  gradient (DDP's bucket views are reduced in place, asynchronously): the norms stay this rank's own.
 - the raw loss, supervised-token count and input finiteness: one forward hook (with kwargs) on the top
   model, reading ``outputs.loss`` before the Trainer's bookkeeping can filter it.
 - forward finiteness per group: a forward hook on each group's root module, reducing the primary output
@@ -23,12 +27,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.core.groups import GroupMap
 from gradguard.engine.policy import shard_weight
 
 IGNORE_INDEX = -100
+_FUSED = (torch.float32, torch.bfloat16, torch.float16)  # gradient dtypes whose norms are batched (in fp32)
 MAX_MICRO_BATCHES = 1024  # per optimizer step; far above any real gradient accumulation
 
 
@@ -182,6 +188,9 @@ class Probes:
             self.param_group.append(group_ix[info.group])
             self.param_module.append(module_ix.setdefault(mod, len(module_ix)))
         self.modules = list(module_ix)
+        # One process, whole gradients: norms batched per backward (see the module docstring). The guard
+        # turns it off across ranks and under DeepSpeed, whose hooks move gradients into its partitions.
+        self.batched = True
         self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Parameters whose gradient is split across ranks (FSDP2 / tensor-parallel DTensors; DeepSpeed ZeRO
         # partitions, registered by gradguard.integrations.deepspeed): a hook sees only this rank's piece,
@@ -228,6 +237,7 @@ class Probes:
         """Forget the current step (after it was collected, or when a step is abandoned)."""
         self.grad_slots: list[torch.Tensor | None] = [None] * len(self.params)
         self.grad_order: list[int] = []  # param indices in the order their grads were accumulated
+        self._unnormed: list[int] = []  # batched: gradients of this backward whose norm is not taken yet
         self.group_outputs: list[tuple[int, int, torch.Tensor | None]] = []  # (group, micro-batch, abs-max)
         self._deferred: list[tuple[int, torch.Tensor]] = []  # (index in group_outputs, a head's output)
         self.micro: list[MicroBatch] = []
@@ -238,13 +248,39 @@ class Probes:
         def hook(param: torch.Tensor) -> None:
             try:
                 g = param.grad
-                if g is not None:
+                if g is None:
+                    return
+                self.grad_order.append(i)
+                if not self.batched:
                     self.grad_slots[i] = grad_norm(g)
-                    self.grad_order.append(i)
+                    return
+                if not self._unnormed:  # the first gradient of this backward: take the norms at its end
+                    Variable._execution_engine.queue_callback(self._end_of_backward)
+                self._unnormed.append(i)
             except Exception as exc:  # never let a probe kill the backward pass
                 self._fail(exc)
 
         return hook
+
+    def _end_of_backward(self) -> None:
+        try:  # runs inside the autograd engine: an exception here would end the user's backward
+            self.take_norms()
+        except Exception as exc:
+            self._fail(exc)
+
+    def take_norms(self) -> None:
+        """The norms of the gradients noted since the last call, in one ``_foreach_norm`` (pre-clip: it runs
+        when backward ends, or at the latest in the step's check)."""
+        pending, self._unnormed = self._unnormed, []  # rebind, never mutate: replays snapshot attributes
+        ix = [i for i in dict.fromkeys(pending) if self.params[i][1].grad is not None]
+        grads = [self.params[i][1].grad for i in ix]
+        fast = [k for k, g in enumerate(grads) if type(g) is torch.Tensor and not g.is_sparse and g.dtype in _FUSED]
+        if fast:
+            norms = torch._foreach_norm([grads[k] for k in fast], 2, dtype=torch.float32)  # type: ignore[misc]
+            for k, n in zip(fast, norms):
+                self.grad_slots[ix[k]] = n
+        for k in sorted(set(range(len(ix))) - set(fast)):  # sparse, float64, complex, tensor subclasses
+            self.grad_slots[ix[k]] = grad_norm(grads[k])  # type: ignore[arg-type]
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         # RNG state at the start of each forward, so a replay sees the same dropout masks.
@@ -332,6 +368,8 @@ class Probes:
 
     def local_norms(self, device: torch.device) -> torch.Tensor:
         """This rank's per-parameter gradient norms (0 where no gradient arrived), on ``device``."""
+        if self._unnormed:  # a backward whose end-of-backward callback did not run
+            self.take_norms()
         zero = torch.zeros((), device=device)
         if not self.params:
             return zero[None][:0]
