@@ -325,6 +325,7 @@ class Guard:
         if self.disabled or probes is None:
             return
         try:
+            probes.settle()  # a head's output, when no forward of the guarded model returned (Lightning)
             value = loss.detach().float().reshape(())  # stays on the device: no host sync here
             if len(probes.micro) >= MAX_MICRO_BATCHES:
                 probes.reset()  # nobody calls check(): bound memory, as the probes' own hook does

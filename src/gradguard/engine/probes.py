@@ -238,6 +238,7 @@ class Probes:
         self.grad_slots: list[torch.Tensor | None] = [None] * len(self.params)
         self.grad_order: list[int] = []  # param indices in the order their grads were accumulated
         self._unnormed: list[int] = []  # batched: gradients of this backward whose norm is not taken yet
+        self._norms_queued_for = -1  # the backward (autograd graph task) whose end takes them
         self.group_outputs: list[tuple[int, int, torch.Tensor | None]] = []  # (group, micro-batch, abs-max)
         self._deferred: list[tuple[int, torch.Tensor]] = []  # (index in group_outputs, a head's output)
         self.micro: list[MicroBatch] = []
@@ -254,8 +255,10 @@ class Probes:
                 if not self.batched:
                     self.grad_slots[i] = grad_norm(g)
                     return
-                if not self._unnormed:  # the first gradient of this backward: take the norms at its end
+                task = torch._C._current_graph_task_id()
+                if task != self._norms_queued_for:  # the first gradient of this backward: norms at its end
                     Variable._execution_engine.queue_callback(self._end_of_backward)
+                    self._norms_queued_for = task
                 self._unnormed.append(i)
             except Exception as exc:  # never let a probe kill the backward pass
                 self._fail(exc)
