@@ -183,3 +183,31 @@ def test_gradient_norms_are_pre_clip_per_backward_and_fall_back_at_check() -> No
     model["body"].weight.grad = torch.ones(4, 4)
     assert guard.check() and guard.last.group_fired == {"body": 0, "emb": 0, "wide": 0}
     guard.close()
+
+
+def test_a_backward_that_raised_does_not_leave_the_next_without_its_pre_clip_norms() -> None:
+    """The norms' end-of-backward callback is queued once per backward (autograd graph task): a backward
+    that raised after some gradients arrived never ran its callback, and the next one still gets its own."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    guard = Guard(model, console=False)
+    x = torch.randn(8, 4)
+
+    def boom(grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a user's backward hook failed")
+
+    hidden = model[1](model[0](x))
+    hidden.register_hook(boom)  # fires after the last layer's gradients were accumulated
+    try:
+        (100 * model[2](hidden)).sum().backward()
+    except RuntimeError:
+        pass
+    model.zero_grad(set_to_none=True)  # the user skips this step and goes on
+
+    (100 * model(x)).sum().backward()
+    expected = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters()))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert guard.check()
+    got = math.sqrt(sum(v**2 for v in guard.last.group_norm.values()))
+    assert math.isclose(got, expected, rel_tol=1e-5), (got, expected)
+    guard.close()
