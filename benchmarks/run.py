@@ -586,102 +586,6 @@ def time_arms(
 # ---------------------------------------------------------------------------------------------------
 # Host syncs
 # ---------------------------------------------------------------------------------------------------
-_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
-def _gradguard_frame(frame: Any) -> Any:
-    """The innermost gradguard frame on the stack (not gradguard.testing: that is the harness), or None."""
-    while frame is not None:
-        mod = frame.f_globals.get("__name__", "")
-        if mod == "gradguard" or (mod.startswith("gradguard.") and not mod.startswith("gradguard.testing")):
-            return frame
-        frame = frame.f_back
-    return None
-
-
-def _in_gradguard(frame: Any) -> bool:
-    """Is a gradguard frame (not gradguard.testing: that is the harness) on the stack?"""
-    return _gradguard_frame(frame) is not None
-
-
-class SyncCounter:
-    """Count calls that force a device-to-host read, split into gradguard's and everyone's.
-
-    Python-level calls only (a C++ ``.item()`` inside a torch op is invisible here; on CUDA the
-    sync-debug mode catches those too: every synchronizing CUDA call warns, and a warning is gradguard's when
-    a gradguard frame is on the Python stack it is raised on, the autograd thread's for a gradient hook).
-
-    >>> with SyncCounter() as c:
-    ...     _ = torch.ones(()).item()
-    >>> c.total
-    1
-    """
-
-    def __init__(self, cuda: bool = False) -> None:
-        self.cuda = cuda
-        self.gradguard = 0
-        self.total = 0
-        self.cuda_gradguard = 0  # CUDA sync-debug warnings raised from gradguard's code (CUDA only)
-        self.cuda_total = 0  # all CUDA sync-debug warnings (CUDA only)
-        self.cuda_sites: dict[str, int] = {}  # gradguard's CUDA syncs by module:function:line
-        self.by_method: dict[str, int] = {}
-        self._saved: list[tuple[str, Any, bool]] = []
-
-    def _wrap(self, name: str, orig: Any) -> Any:
-        counter = self
-
-        def wrapper(self_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            counter.total += 1
-            if _in_gradguard(sys._getframe(1)):
-                counter.gradguard += 1
-                counter.by_method[name] = counter.by_method.get(name, 0) + 1
-            return orig(self_, *args, **kwargs)
-
-        return wrapper
-
-    def __enter__(self) -> SyncCounter:
-        for name in _SYNC_METHODS:
-            orig = getattr(torch.Tensor, name)
-            self._saved.append((name, orig, name in torch.Tensor.__dict__))
-            setattr(torch.Tensor, name, self._wrap(name, orig))
-        if self.cuda:
-            self._warn_ctx = warnings.catch_warnings()
-            self._warn_ctx.__enter__()
-            # Every sync warning, not once per line (the default action); other warnings as before.
-            warnings.filterwarnings("always", message=".*synchroniz")
-            self._showwarning = warnings.showwarning
-            warnings.showwarning = self._on_warning
-            torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def _on_warning(self, message: Any, category: Any, filename: str, *rest: Any, **kw: Any) -> None:
-        # Called on the thread that raised the warning, with the raiser's Python stack below us: a sync is
-        # gradguard's when a gradguard frame is on that stack (the innermost Python frame alone would miss
-        # a sync inside torch's Python code called by gradguard). Counted apart from the Python-level
-        # calls: a `.tolist()` on a CUDA tensor is both.
-        if "synchroniz" in str(message).lower():
-            self.cuda_total += 1
-            frame = _gradguard_frame(sys._getframe(1))
-            if frame is not None:
-                self.cuda_gradguard += 1
-                site = f"{frame.f_globals.get('__name__')}:{frame.f_code.co_name}:{frame.f_lineno}"
-                self.cuda_sites[site] = self.cuda_sites.get(site, 0) + 1
-            return
-        self._showwarning(message, category, filename, *rest, **kw)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = self._showwarning
-            self._warn_ctx.__exit__(None, None, None)
-        for name, orig, own in reversed(self._saved):
-            if own:
-                setattr(torch.Tensor, name, orig)
-            else:
-                delattr(torch.Tensor, name)
-        self._saved.clear()
-
-
 def count_syncs(workload: Workload, arm: Arm, steps: int, warmup: int, device: str = "cpu") -> dict[str, Any]:
     """Host syncs per optimizer step in steady state (after ``warmup`` steps), gradguard's and all."""
     from transformers import TrainerCallback
@@ -697,6 +601,8 @@ def count_syncs(workload: Workload, arm: Arm, steps: int, warmup: int, device: s
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             per_step.append(tuple(x - y for x, y in zip(now(), self._at)))
+
+    from gradguard.testing.syncs import SyncCounter
 
     counter = SyncCounter(cuda=device.startswith("cuda"))
     with tempfile.TemporaryDirectory(prefix="gg-sync-") as tmp:

@@ -87,7 +87,9 @@ def test_smoke_run(bench: ModuleType, tmp_path: Path) -> None:
     # The harness put everything back: threads, anomaly mode, the Tensor methods it wrapped.
     assert torch.get_num_threads() == threads
     assert not torch.is_anomaly_enabled()
-    assert all(getattr(torch.Tensor, m).__name__ != "wrapper" for m in bench._SYNC_METHODS)
+    from gradguard.testing.syncs import _METHODS
+
+    assert all(getattr(torch.Tensor, m).__name__ != "wrapper" for m in _METHODS)
 
 
 def test_rotation_interleaves_one_at_a_time(bench: ModuleType) -> None:
@@ -119,11 +121,13 @@ def test_rotation_interleaves_one_at_a_time(bench: ModuleType) -> None:
         assert sorted(log[3 * r : 3 * r + 3]) == names
 
 
-def test_sync_counter_attributes_to_gradguard_only(bench: ModuleType) -> None:
+def test_sync_counter_attributes_to_gradguard_only() -> None:
+    """The benchmark's and the GPU test's sync counter (gradguard.testing.syncs)."""
     from gradguard.engine.guard import params_finite
+    from gradguard.testing.syncs import SyncCounter
 
     model = torch.nn.Linear(3, 3)
-    with bench.SyncCounter() as counter:
+    with SyncCounter() as counter:
         torch.ones(()).item()  # the harness's own read: not gradguard's
         assert params_finite(model)  # one .item() inside gradguard
     assert counter.total == 2 and counter.gradguard == 1

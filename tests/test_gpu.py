@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,90 +212,11 @@ def test_healthy_trainer_run_is_bitwise_identical_with_the_guard(tmp_path: Path,
 # -- 2. steady state: at most one host sync per optimizer step caused by gradguard ------------------------
 
 
-def _in_gradguard(frame: Any) -> str | None:
-    """The innermost gradguard frame on the stack (not gradguard.testing: that is the harness), or None."""
-    while frame is not None:
-        mod = frame.f_globals.get("__name__", "")
-        if mod == "gradguard" or (mod.startswith("gradguard.") and not mod.startswith("gradguard.testing")):
-            return f"{mod}:{frame.f_code.co_name}:{frame.f_lineno}"
-        frame = frame.f_back
-    return None
-
-
-class SyncWatch:
-    """Counts host syncs, split into gradguard's (a gradguard frame on the stack) and everyone's.
-
-    CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronizing CUDA call (``.item()``,
-    ``.tolist()``, a blocking copy, ``nonzero`` …) warn; each warning is attributed by the Python stack it is
-    raised on (the autograd thread's, for a gradient hook). CPU: nothing waits, so the calls that *would*
-    wait on a GPU are counted by a shim around ``Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__/
-    __index__`` (what benchmarks/run.py does on CPU).
-    """
-
-    _METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.total = 0
-        self.gradguard = 0
-        self.sites: dict[str, int] = {}
-        self._saved: list[tuple[str, Any, bool]] = []
-
-    def _count(self, frame: Any) -> None:
-        self.total += 1
-        site = _in_gradguard(frame)
-        if site is not None:
-            self.gradguard += 1
-            self.sites[site] = self.sites.get(site, 0) + 1
-
-    def _on_warning(self, message: Any, category: Any, *rest: Any, **kw: Any) -> None:
-        if "synchroniz" in str(message).lower():
-            self._count(sys._getframe(1))
-            return
-        self._show(message, category, *rest, **kw)
-
-    def _wrap(self, orig: Any) -> Any:
-        watch = self
-
-        def wrapper(self_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            watch._count(sys._getframe(1))
-            return orig(self_, *args, **kwargs)
-
-        return wrapper
-
-    def __enter__(self) -> SyncWatch:
-        if self.cuda:
-            self._ctx = warnings.catch_warnings()
-            self._ctx.__enter__()
-            # "always": the default action shows a warning once per line, which would undercount
-            warnings.filterwarnings("always", message=".*synchroniz")
-            self._show = warnings.showwarning
-            warnings.showwarning = self._on_warning
-            torch.cuda.set_sync_debug_mode("warn")
-        else:
-            for name in self._METHODS:
-                orig = getattr(torch.Tensor, name)
-                self._saved.append((name, orig, name in torch.Tensor.__dict__))
-                setattr(torch.Tensor, name, self._wrap(orig))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = self._show
-            self._ctx.__exit__(None, None, None)
-        for name, orig, own in reversed(self._saved):
-            if own:
-                setattr(torch.Tensor, name, orig)
-            else:
-                delattr(torch.Tensor, name)
-        self._saved.clear()
-
-
 def test_steady_state_host_syncs_caused_by_gradguard(tmp_path: Path) -> None:
     from gradguard import Guard
     from gradguard.engine.guard import params_finite
     from gradguard.testing.models import make_batch
+    from gradguard.testing.syncs import SyncCounter
 
     device = torch.device(DEVICE)
     model = tiny_model("sdpa").to(device)  # the default attention: what users run
@@ -306,29 +225,34 @@ def test_steady_state_host_syncs_caused_by_gradguard(tmp_path: Path) -> None:
     guard = Guard(model, optimizer, console=False, strict=True, report_dir=tmp_path)
     warmup, steps = 3, 12
     per_step: list[int] = []
-    with SyncWatch(cuda=CUDA) as watch:
+    with SyncCounter(cuda=CUDA) as syncs:
+        # CUDA: what its sync-debug mode reports; CPU: the Python-level calls that would wait on a GPU.
+        def ours() -> int:
+            return syncs.cuda_gradguard if CUDA else syncs.gradguard
+
         # The harness sees syncs and attributes them: the test's own read is not gradguard's, a read inside
         # gradguard (params_finite: one .item()) is exactly one of gradguard's.
         torch.ones((), device=device).item()
-        assert watch.total >= 1 and watch.gradguard == 0, f"the harness does not see host syncs: {watch.sites}"
+        seen = syncs.cuda_total if CUDA else syncs.total
+        assert seen >= 1 and ours() == 0, f"the harness does not see host syncs: {syncs.sites} {syncs.cuda_sites}"
         assert params_finite(model)
-        assert watch.gradguard == 1, f"harness attribution is off: {watch.sites}"
-        watch.sites.clear()
+        assert ours() == 1, f"harness attribution is off: {syncs.sites} {syncs.cuda_sites}"
         for _ in range(warmup + steps):
-            at = watch.gradguard
+            at = ours()
             loss = model(**batch).loss
             loss.backward()
             ok = guard.check()  # a Python bool: gradguard's one read happens inside
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            per_step.append(watch.gradguard - at)
+            per_step.append(ours() - at)
             assert ok is True
+    sites = syncs.cuda_sites if CUDA else syncs.sites
     report = guard.close()
     assert report.status == "healthy", report
     steady = per_step[warmup:]
     mode = "CUDA sync-debug warnings" if CUDA else "Python-level sync calls (CPU shim)"
-    print(f"\n{mode} from gradguard per step: {per_step} (first {warmup} = warm-up); sites {watch.sites}")
-    assert max(steady) <= 1, f"gradguard caused more than one host sync in a steady step: {per_step} {watch.sites}"
+    print(f"\n{mode} from gradguard per step: {per_step} (first {warmup} = warm-up); sites {sites}")
+    assert max(steady) <= 1, f"gradguard caused more than one host sync in a steady step: {per_step} {sites}"
     assert sum(steady) >= 1, f"gradguard's per-step read was not seen at all: {per_step}"
 
 
