@@ -123,7 +123,7 @@ def test_rotation_interleaves_one_at_a_time(bench: ModuleType) -> None:
 
 def test_sync_counter_attributes_to_gradguard_only() -> None:
     """The benchmark's and the GPU test's sync counter (gradguard.testing.syncs)."""
-    from gradguard.engine.guard import params_finite
+    from gradguard.engine.read import params_finite
     from gradguard.testing.syncs import SyncCounter
 
     model = torch.nn.Linear(3, 3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import trainer_args
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from gradguard import GradGuard, Report, TrainingHealthError
 from gradguard.testing.faults import corrupt_input, detach_output, inject_nan, mask_labels
@@ -72,7 +72,7 @@ def test_seed_connector_fault_stops_at_step_3_with_weights_intact(tmp_path) -> N
     guard = GradGuard(on_fault="stop", console=False)
     before = {}
 
-    class Snapshot(GradGuard.__mro__[1]):  # a TrainerCallback: weights as they were before step 3
+    class Snapshot(TrainerCallback):  # weights as they were before step 3
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == 2:
                 before.update(weights(model))

@@ -194,7 +194,7 @@ def test_deepspeed_zero(tmp_path: Path, stage: int) -> None:
 
 
 def test_origin_is_the_earliest_phase_then_the_lowest_rank() -> None:
-    from gradguard.engine.policy import origin_rank
+    from gradguard.engine.distributed import origin_rank
 
     backward, forward, data = ({"origin": {"phase": p}} for p in ("backward", "forward", "data"))
     # NaN born in rank 1's forward reaches rank 0's gradients through the reduction: rank 1 is the origin.
@@ -206,7 +206,8 @@ def test_origin_is_the_earliest_phase_then_the_lowest_rank() -> None:
 
 
 def test_rank_summaries_say_what_each_rank_saw() -> None:
-    from gradguard.engine.policy import plain, rank_summaries
+    from gradguard.engine.diagnosis import plain
+    from gradguard.engine.distributed import rank_summaries
     from gradguard.report.model import Finding, Origin
 
     finding = Finding.of("nonfinite_loss", "step 3: the raw loss is nan", "fix it", "model", step=3, phase="forward")
@@ -218,14 +219,14 @@ def test_rank_summaries_say_what_each_rank_saw() -> None:
 
 
 def test_agreement_in_one_process_is_the_identity() -> None:
-    from gradguard.engine import policy
+    from gradguard.engine import distributed
 
-    flags, total = policy.agree(torch.tensor(True), sumsq=torch.tensor([1.0, 4.0]))
+    flags, total = distributed.agree(torch.tensor(True), sumsq=torch.tensor([1.0, 4.0]))
     assert flags.tolist() == [1.0] and total.tolist() == [1.0, 4.0]
-    flags, total = policy.agree(torch.tensor(False), pending=True)
+    flags, total = distributed.agree(torch.tensor(False), pending=True)
     assert flags.tolist() == [1.0] and total.numel() == 0
-    assert policy.shard_weight(torch.nn.Parameter(torch.zeros(2))) is None  # not a DTensor: nothing to reduce
-    assert policy.replay_is_local(torch.nn.Linear(2, 2))
+    assert distributed.shard_weight(torch.nn.Parameter(torch.zeros(2))) is None  # not a DTensor: nothing to reduce
+    assert distributed.replay_is_local(torch.nn.Linear(2, 2))
 
 
 def test_zero3_parameter_counts_use_ds_numel() -> None:

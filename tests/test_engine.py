@@ -8,8 +8,9 @@ import math
 import torch
 
 from gradguard import Guard, Report
-from gradguard.engine.detectors import GroupContext, StepStats, Thresholds, Trends, detect_fault
+from gradguard.engine.detectors import Thresholds, Trends, diagnose
 from gradguard.engine.history import History
+from gradguard.engine.stats import GroupContext, StepStats
 
 GROUPS = {
     "vision": GroupContext("vision", "vision", False, False),
@@ -38,7 +39,8 @@ def test_forward_origin_is_the_first_group_in_execution_order() -> None:
         norms={"proj": math.nan, "lm": math.nan},
         group_outputs=[("vision", 0, 3.0), ("proj", 0, math.inf), ("lm", 0, math.nan)],
     )
-    finding, origin, evidence = detect_fault(s, GROUPS, first_bad_grad_group="lm")
+    d = diagnose(s, GROUPS, first_bad_grad=("lm", "lm.weight"))
+    finding, origin, evidence = d.finding, d.origin, d.evidence
     assert finding.kind == "nonfinite_loss" and origin.phase == "forward"
     assert (origin.group, origin.role, origin.trainable) == ("proj", "connector", True)
     assert evidence["finite outputs before it (abs-max)"] == "vision: 3"
@@ -46,21 +48,22 @@ def test_forward_origin_is_the_first_group_in_execution_order() -> None:
 
 def test_backward_origin_when_the_forward_was_finite() -> None:
     s = stats(norms={"proj": math.nan, "lm": math.nan}, group_outputs=[("proj", 0, 1.0), ("lm", 0, 1.0)])
-    finding, origin, _ = detect_fault(s, GROUPS, first_bad_grad_group="lm")
+    d = diagnose(s, GROUPS, first_bad_grad=("lm", "lm.weight"))
+    finding, origin = d.finding, d.origin
     assert (finding.kind, origin.phase, origin.group) == ("nonfinite_grad", "backward", "lm")
 
 
 def test_data_faults_come_first() -> None:
     s = stats(loss=math.nan, inputs=[(0, "pixel_values", math.nan)])
-    assert detect_fault(s, GROUPS)[0].kind == "nonfinite_input"
+    assert diagnose(s, GROUPS).finding.kind == "nonfinite_input"
     s = stats(loss=math.nan)
     s.supervised = [0]
-    assert detect_fault(s, GROUPS)[1].phase == "data"
+    assert diagnose(s, GROUPS).origin.phase == "data"
 
 
 def test_scaler_overflow_is_not_a_fault_but_a_collapsing_scale_is() -> None:
     s = stats(norms={"proj": math.inf, "lm": 1.0}, scaler_active=True, loss_scale=2.0**-3)
-    assert detect_fault(s, GROUPS) is None
+    assert diagnose(s, GROUPS) is None
     trends = Trends(Thresholds(scaler_skips=3))
     found = [
         f
@@ -156,7 +159,7 @@ def test_every_front_door_rejects_bad_options_at_construction() -> None:
 def test_gradient_norms_are_pre_clip_per_backward_and_fall_back_at_check() -> None:
     """Norms are taken when each backward ends (one fused call in one process), so clipping cannot change
     them; with gradient accumulation they are the accumulated gradient's; a float64 or sparse gradient takes
-    the per-tensor path; and a gradient set by hand, without a backward, is not one the hooks report."""
+    the per-tensor path; and a gradient set by hand, without a backward, is not a step the hooks report."""
     torch.manual_seed(0)
     model = torch.nn.ModuleDict(
         {"body": torch.nn.Linear(4, 4), "emb": torch.nn.Embedding(10, 4, sparse=True), "wide": torch.nn.Linear(4, 1)}
@@ -181,7 +184,9 @@ def test_gradient_norms_are_pre_clip_per_backward_and_fall_back_at_check() -> No
     for p in model.parameters():  # no backward at all: the hooks never fire, nothing is read
         p.grad = None
     model["body"].weight.grad = torch.ones(4, 4)
-    assert guard.check() and guard.last.group_fired == {"body": 0, "emb": 0, "wide": 0}
+    last, steps = guard.last, guard.step
+    assert guard.check()  # nothing recorded since the last check: no step to count, nothing read
+    assert guard.step == steps and guard.last is last
     guard.close()
 
 

@@ -214,7 +214,7 @@ def test_healthy_trainer_run_is_bitwise_identical_with_the_guard(tmp_path: Path,
 
 def test_steady_state_host_syncs_caused_by_gradguard(tmp_path: Path) -> None:
     from gradguard import Guard
-    from gradguard.engine.guard import params_finite
+    from gradguard.engine.read import params_finite
     from gradguard.testing.models import make_batch
     from gradguard.testing.syncs import SyncCounter
 

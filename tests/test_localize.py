@@ -20,7 +20,7 @@ from transformers import Trainer
 from gradguard import GradGuard, Guard
 from gradguard.engine.localize import localize
 from gradguard.engine.trace import Recorder, locate
-from gradguard.report.model import Finding, Origin, Report
+from gradguard.report.model import Origin, Report
 from gradguard.report.render import to_markdown, to_text
 from gradguard.testing.faults import inject_nan
 from gradguard.testing.models import TinyDataset, make_batch, tiny_llama, tiny_llava, tiny_minicpmv2
@@ -251,8 +251,7 @@ def test_replay_leaves_state_bitwise_unchanged_with_dropout_and_accumulation() -
     for b in batches:  # the step to replay: two micro-batches, gradients accumulated
         model(**b).loss.backward()
     before = snapshot(model, opt)
-    finding = Finding.of("nonfinite_grad", "by hand", "-")
-    loc = localize(guard, finding, Origin(phase="backward"))
+    loc = localize(model, guard.probes, Origin(phase="backward"))
     assert_same(before, snapshot(model, opt))
     # Nothing was wrong, so nothing reproduces; the replay drew the same dropout masks: the losses match.
     assert loc["verdict"] == "transient" and [r["micro_batch"] for r in loc["replays"]] == [0, 1]
@@ -304,7 +303,7 @@ def test_replay_restores_batchnorm_running_stats() -> None:
     opt.zero_grad()
     net(torch.randn(16, 4)).backward()
     before = snapshot(net, opt)
-    loc = localize(guard, Finding.of("nonfinite_grad", "by hand", "-"), Origin(phase="backward"))
+    loc = localize(net, guard.probes, Origin(phase="backward"))
     assert_same(before, snapshot(net, opt))
     assert loc["replays"][0]["replay_loss"] == loc["replays"][0]["original_loss"]
     guard.close()
@@ -332,7 +331,7 @@ def test_replay_is_refused_with_a_reason_where_it_cannot_run() -> None:
     guard = Guard(model, console=False, strict=True)
     model(**make_batch(model)).loss.backward()
     next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO puts on its parameters
-    loc = localize(guard, Finding.of("nonfinite_grad", "by hand", "-"), Origin(phase="backward"))
+    loc = localize(model, guard.probes, Origin(phase="backward"))
     assert loc["verdict"] == "unknown" and "DeepSpeed" in loc["message"] and loc["replays"] == []
     guard.close()
 

@@ -36,7 +36,7 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
 
 
 # (dotted target, where it runs). Every function gradguard calls during training, by the path it is
-# looked up at (``guard.detect_fault`` is imported by name into the guard module).
+# looked up at (``guard.audit_requires_grad`` is imported by name into the guard module).
 TARGETS = {
     "gradguard.engine.probes.Probes.take_norms": "gradient norms (end of backward)",
     "gradguard.engine.probes._absmax": "forward hooks (input / group output abs-max)",
@@ -46,13 +46,13 @@ TARGETS = {
     "gradguard.engine.probes.Probes.reduce_grads": "per-step reduction (check)",
     "gradguard.engine.probes.Probes.fired_per_group": "per-step reduction (check)",
     "gradguard.engine.probes.Probes.attach": "start: attaching hooks",
-    "gradguard.engine.guard.detect_fault": "fault detector",
+    "gradguard.engine.detectors.diagnose": "fault detector",
     "gradguard.engine.detectors.Trends.update": "trend detectors",
     "gradguard.engine.history.History.add": "history",
-    "gradguard.engine.guard._stack_scalars": "per-step packing (check)",
+    "gradguard.engine.read.stack_scalars": "per-step packing (check)",
     "gradguard.engine.guard.audit_requires_grad": "start: static audit",
     "gradguard.engine.guard.environment": "start: environment",
-    "gradguard.engine.guard.params_bad": "close: final weight check",
+    "gradguard.engine.read.params_bad": "close: final weight check",
     "gradguard.engine.guard.Guard.report": "close: building the report",
     "gradguard.report.model.Report.save": "writing the report",
     "gradguard.report.render.to_markdown": "writing the Markdown report",
@@ -135,7 +135,7 @@ def test_internal_error_is_contained(
     [
         "gradguard.engine.probes.Probes.take_norms",
         "gradguard.engine.probes.find_loss",
-        "gradguard.engine.guard.detect_fault",
+        "gradguard.engine.detectors.diagnose",
         "gradguard.engine.guard.audit_requires_grad",
         "gradguard.report.model.Report.save",
         "gradguard.integrations.transformers.GradGuard.log_values",

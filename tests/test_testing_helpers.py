@@ -140,12 +140,12 @@ def test_smoke_test_inputs_loss_fn_and_static_intent() -> None:
 
 def test_smoke_test_is_strict_about_gradguards_own_errors(monkeypatch) -> None:
     # In training an internal error disables gradguard and training goes on; in CI it must fail loudly.
-    import gradguard.engine.guard as guard_module
+    import gradguard.engine.detectors as detectors
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug in a detector")
 
-    monkeypatch.setattr(guard_module, "detect_fault", broken)
+    monkeypatch.setattr(detectors, "diagnose", broken)
     model = Tiny()
     before = state(model)
     with pytest.raises(RuntimeError, match="a bug in a detector"):

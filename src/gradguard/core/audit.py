@@ -16,15 +16,8 @@ from torch import nn
 
 from gradguard.core.groups import ROLES, Group, GroupMap, build_groups, param_numel
 from gradguard.errors import ConfigurationError
+from gradguard.report.format import fmt_count
 from gradguard.report.model import Fault, Finding, GroupSummary, Origin, Report
-
-
-def fmt_count(n: int) -> str:
-    """Human-sized parameter count: ``1234567 -> '1.2M'``."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from gradguard.core.audit import fmt_count
 from gradguard.core.groups import build_groups
+from gradguard.report.format import fmt_count
 
 log = logging.getLogger("gradguard")
 

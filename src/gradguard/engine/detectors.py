@@ -1,9 +1,10 @@
 """Detectors: pure functions of one step's statistics (and a small rolling state). No hooks, no I/O.
 
-``detect_fault`` answers "is this step poisoned, and where did it begin?" (the errors that stop a run);
-``Trends`` watches the run's own history for spikes, explosions, collapse, dead gradients and a falling
+:func:`diagnose` answers "is this step poisoned, and where did it begin?" (the errors that stop a run);
+:class:`Trends` watches the run's own history for spikes, explosions, collapse, dead gradients and a falling
 fp16 loss scale. Thresholds are relative to the run itself (robust median/MAD statistics), never
-absolute: healthy gradient norms range from 1e-3 to 1e3 across models.
+absolute: healthy gradient norms range from 1e-3 to 1e3 across models. Every finding the running guard
+emits is built here, once.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradguard.engine.diagnosis import Diagnosis, origin_for
+from gradguard.engine.stats import GroupContext, StepStats
+from gradguard.errors import ConfigurationError
 from gradguard.report.model import Finding, Origin
 
 FP16_MAX = 65504.0
@@ -35,7 +39,7 @@ class Thresholds:
     scaler_skips: int = 8  # consecutive fp16 skipped steps before the loss scale counts as collapsed
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> Thresholds:
+    def from_dict(cls, data: Thresholds | Mapping[str, Any] | None) -> Thresholds:
         if data is None:
             return cls()
         if isinstance(data, Thresholds):
@@ -43,81 +47,33 @@ class Thresholds:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigurationError(f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
 
 
-@dataclass
-class GroupContext:
-    name: str
-    role: str
-    trainable: bool
-    expected: bool  # named (directly or by role) in expect_trainable
-
-
-@dataclass
-class StepStats:
-    """One optimizer step, as host values (read with one sync)."""
-
-    step: int
-    losses: list[float] = field(default_factory=list)  # raw loss per micro-batch (its own mean)
-    loss_weights: list[float] = field(default_factory=list)  # target tokens per micro-batch, when known
-    supervised: list[int | None] = field(default_factory=list)  # labels != -100 per micro-batch
-    inputs: list[tuple[int, str, float]] = field(default_factory=list)  # (micro-batch, key, abs-max)
-    group_outputs: list[tuple[str, int, float]] = field(default_factory=list)  # firing order, abs-max
-    group_norm: dict[str, float] = field(default_factory=dict)  # pre-clip L2, trainable groups
-    group_nonfinite: dict[str, int] = field(default_factory=dict)  # param tensors with a non-finite grad
-    group_nonzero: dict[str, int] = field(default_factory=dict)  # param tensors with a non-zero grad
-    group_fired: dict[str, int] = field(default_factory=dict)  # param tensors that received a grad
-    scaler_active: bool = False
-    loss_scale: float | None = None
-
-    @property
-    def loss(self) -> float | None:
-        """The step's raw loss: the token-weighted mean over micro-batches when the token counts are known
-        (as the Trainer computes it), else the plain mean; NaN if any micro-batch's is NaN."""
-        if not self.losses:
-            return None
-        w = self.loss_weights
-        if len(w) == len(self.losses) and sum(w) > 0:
-            return sum(loss * n for loss, n in zip(self.losses, w)) / sum(w)
-        return sum(self.losses) / len(self.losses)
-
-    @property
-    def grads_finite(self) -> bool:
-        return not any(self.group_nonfinite.values())
-
-
-def _first_bad_output(stats: StepStats) -> tuple[str, int, float] | None:
-    for group, micro, amax in stats.group_outputs:
-        if not math.isfinite(amax):
-            return group, micro, amax
-    return None
-
-
-def detect_fault(
-    stats: StepStats, groups: Mapping[str, GroupContext], first_bad_grad_group: str | None = None
-) -> tuple[Finding, Origin, dict[str, Any]] | None:
+def diagnose(
+    stats: StepStats, groups: Mapping[str, GroupContext], first_bad_grad: tuple[str, str] | None = None
+) -> Diagnosis | None:
     """The poisoning fault of this step, if any: kind, origin and evidence.
 
     The order of checks is the order in which a non-finite value can be born: the data, the forward
     pass (the first group, in execution order, whose output is not finite), the loss, then backward.
     Under an fp16 GradScaler a non-finite gradient with a finite loss is an ordinary overflow that the
-    scaler handles (the step is skipped), so it is not a fault here.
+    scaler handles (the step is skipped), so it is not a fault here. ``first_bad_grad`` is the (group,
+    parameter) of the first non-finite gradient in backward order, when the gradients were not finite.
+
+    >>> ctx = {"proj": GroupContext("proj", "connector", True, False)}
+    >>> s = StepStats(step=3, losses=[float("nan")], group_outputs=[("proj", 0, float("inf"))])
+    >>> d = diagnose(s, ctx)
+    >>> d.kind, d.origin.phase, d.origin.group, d.origin.role
+    ('nonfinite_loss', 'forward', 'proj', 'connector')
     """
+    return _data_fault(stats) or _nonfinite_fault(stats, groups, first_bad_grad)
+
+
+def _data_fault(stats: StepStats) -> Diagnosis | None:
+    """A fault born in the batch itself: a non-finite input, or no target token to learn from."""
     step = stats.step
-
-    def origin(phase: str, group: str | None, module: str | None = None, micro: int | None = None) -> Origin:
-        ctx = groups.get(group) if group else None
-        return Origin(
-            phase=phase,  # type: ignore[arg-type]
-            module=module or group,
-            group=group,
-            role=ctx.role if ctx else None,
-            trainable=ctx.trainable if ctx else None,
-            micro_batch=micro,
-        )
-
     bad_inputs = [(m, k, v) for m, k, v in stats.inputs if not math.isfinite(v)]
     if bad_inputs:
         micro, key, value = bad_inputs[0]
@@ -132,9 +88,8 @@ def detect_fault(
             phase="data",
         )
         o = Origin(phase="data", module=key, micro_batch=micro)
-        return f, o, {"non-finite inputs": ", ".join(keys)}
-
-    loss_bad = [(i, v) for i, v in enumerate(stats.losses) if not math.isfinite(v)]
+        return Diagnosis(f, o, {"non-finite inputs": ", ".join(keys)})
+    loss_bad = any(not math.isfinite(v) for v in stats.losses)
     unsupervised = [i for i, n in enumerate(stats.supervised) if n == 0]
     if unsupervised and (loss_bad or not stats.losses):
         micro = unsupervised[0]
@@ -147,11 +102,18 @@ def detect_fault(
             step=step,
             phase="data",
         )
-        return f, Origin(phase="data", module="labels", micro_batch=micro), {"supervised tokens": stats.supervised}
+        o = Origin(phase="data", module="labels", micro_batch=micro)
+        return Diagnosis(f, o, {"supervised tokens": stats.supervised})
+    return None
 
-    bad_out = _first_bad_output(stats)
-    grads_bad = not stats.grads_finite and not stats.scaler_active
-    if not loss_bad and not grads_bad:
+
+def _nonfinite_fault(
+    stats: StepStats, groups: Mapping[str, GroupContext], first_bad_grad: tuple[str, str] | None
+) -> Diagnosis | None:
+    """A non-finite loss or gradient, and the phase and group it was born in."""
+    loss_bad = [(i, v) for i, v in enumerate(stats.losses) if not math.isfinite(v)]
+    bad_grads = {g: n for g, n in stats.group_nonfinite.items() if n}
+    if not loss_bad and not (bad_grads and not stats.scaler_active):
         return None
     evidence: dict[str, Any] = {}
     if loss_bad:
@@ -160,55 +122,139 @@ def detect_fault(
         evidence["raw loss per micro-batch"] = stats.losses
     else:
         kind, what = "nonfinite_grad", "the loss is finite but gradients are not"
-    bad_grads = {g: n for g, n in stats.group_nonfinite.items() if n}
     if bad_grads:
         evidence["groups with non-finite gradients"] = ", ".join(f"{g} ({n} tensors)" for g, n in bad_grads.items())
-
+    bad_out = next(((g, m) for g, m, a in stats.group_outputs if not math.isfinite(a)), None)
     if bad_out is not None:
-        # Born in the forward pass: the first group, in execution order, whose output is not finite.
-        group, micro, _ = bad_out
-        ctx = groups.get(group)
-        state = "trainable" if ctx and ctx.trainable else "frozen"
-        where = f"the first non-finite value appeared in the forward output of `{group}` ({state})"
-        evidence["first non-finite forward output"] = f"{group} (micro-batch {micro})"
-        finite_before = [f"{g}: {a:.3g}" for g, m, a in stats.group_outputs if m == micro and math.isfinite(a)]
-        if finite_before:
-            evidence["finite outputs before it (abs-max)"] = ", ".join(finite_before)
-        o, hint = (
-            origin("forward", group, micro=micro),
-            (
-                f"look inside `{group}`: fp16 overflow (switch to bf16 or keep it in fp32), a too-high learning "
-                "rate, or a numerically unsafe op (log, sqrt, division) in its forward"
-            ),
-        )
+        o, where, hint = _forward_origin(stats, groups, *bad_out, evidence)
     elif loss_bad:
-        micro = loss_bad[0][0]
-        seen = {g for g, m, _ in stats.group_outputs if m == micro}
-        unchecked = [g for g, c in groups.items() if c.role == "head" and g not in seen]  # the loss covers it
-        if unchecked:
-            where = (
-                f"every checked forward output was finite, so the head (`{unchecked[0]}`, whose logits the loss "
-                "check covers) or the loss computation produced it"
-            )
-        else:
-            where = "every group's forward output was finite, so the loss computation itself produced it"
-        o, hint = (
-            origin("forward", None, micro=loss_bad[0][0]),
-            ("check the loss inputs: logits overflowing in fp16, labels out of range, or a custom loss"),
+        o, where, hint = _loss_origin(stats, groups, loss_bad[0][0])
+    else:  # born in the backward pass: the first group, in backward order, with a non-finite gradient
+        group = first_bad_grad[0] if first_bad_grad is not None else next(iter(bad_grads))
+        where = f"in backward order the first non-finite gradient belongs to `{group}`"
+        o = origin_for("backward", group, groups)
+        hint = (
+            f"a backward-only failure in `{group}`: fully masked attention rows, a custom autograd function, "
+            "or an attention-kernel backward bug"
+        )
+    if first_bad_grad is not None:
+        evidence["first non-finite gradient (backward order)"] = first_bad_grad[1]
+    f = Finding.of(kind, f"step {stats.step}: {what}; {where}", hint, o.group, step=stats.step, phase=o.phase)
+    return Diagnosis(f, o, evidence)
+
+
+def _forward_origin(
+    stats: StepStats, groups: Mapping[str, GroupContext], group: str, micro: int, evidence: dict[str, Any]
+) -> tuple[Origin, str, str]:
+    """Born in the forward pass: the first group, in execution order, whose output is not finite."""
+    ctx = groups.get(group)
+    state = "trainable" if ctx and ctx.trainable else "frozen"
+    evidence["first non-finite forward output"] = f"{group} (micro-batch {micro})"
+    finite_before = [f"{g}: {a:.3g}" for g, m, a in stats.group_outputs if m == micro and math.isfinite(a)]
+    if finite_before:
+        evidence["finite outputs before it (abs-max)"] = ", ".join(finite_before)
+    return (
+        origin_for("forward", group, groups, micro_batch=micro),
+        f"the first non-finite value appeared in the forward output of `{group}` ({state})",
+        f"look inside `{group}`: fp16 overflow (switch to bf16 or keep it in fp32), a too-high learning "
+        "rate, or a numerically unsafe op (log, sqrt, division) in its forward",
+    )
+
+
+def _loss_origin(stats: StepStats, groups: Mapping[str, GroupContext], micro: int) -> tuple[Origin, str, str]:
+    """Every checked forward output was finite: the head (whose logits the loss check covers) or the loss."""
+    seen = {g for g, m, _ in stats.group_outputs if m == micro}
+    unchecked = [g for g, c in groups.items() if c.role == "head" and g not in seen]
+    if unchecked:
+        where = (
+            f"every checked forward output was finite, so the head (`{unchecked[0]}`, whose logits the loss "
+            "check covers) or the loss computation produced it"
         )
     else:
-        # Born in the backward pass: the first group, in backward order, with a non-finite gradient.
-        group = first_bad_grad_group or next(iter(bad_grads))
-        where = f"in backward order the first non-finite gradient belongs to `{group}`"
-        o, hint = (
-            origin("backward", group),
-            (
-                f"a backward-only failure in `{group}`: fully masked attention rows, a custom autograd function, "
-                "or an attention-kernel backward bug"
-            ),
-        )
-    f = Finding.of(kind, f"step {step}: {what}; {where}", hint, o.group, step=step, phase=o.phase)
-    return f, o, evidence
+        where = "every group's forward output was finite, so the loss computation itself produced it"
+    hint = "check the loss inputs: logits overflowing in fp16, labels out of range, or a custom loss"
+    return origin_for("forward", None, groups, micro_batch=micro), where, hint
+
+
+def top_modules(modules: Sequence[str], rows: Sequence[Sequence[float]], k: int = 5) -> dict[str, Any]:
+    """Evidence for a fault: the modules with the largest (or non-finite) gradient norms at this step (the last
+    row) and the ones whose norm grew most against the earlier rows (the recent window).
+
+    >>> top_modules(["a", "b"], [[1.0, 1.0], [1.0, 50.0]])["fastest-growing gradient norms (vs median of last 1 steps)"]
+    'b: 50x'
+    """
+    if not rows or not modules:
+        return {}
+    norms, past = rows[-1], rows[:-1]
+    out: dict[str, Any] = {}
+    if past:
+        growth = []
+        for i, m in enumerate(modules):
+            before = sorted(row[i] for row in past if math.isfinite(row[i]))
+            ref = before[len(before) // 2] if before else 0.0
+            if ref > 0 and math.isfinite(norms[i]):
+                growth.append((norms[i] / ref, m))
+        top = [f"{m}: {g:.3g}x" for g, m in sorted(growth, reverse=True)[:k] if g > 2]
+        if top:
+            out[f"fastest-growing gradient norms (vs median of last {len(past)} steps)"] = ", ".join(top)
+    bad = [m for m, v in zip(modules, norms) if not math.isfinite(v)]
+    finite = sorted(((v, m) for m, v in zip(modules, norms) if math.isfinite(v)), reverse=True)[:k]
+    if bad:
+        out["modules with non-finite gradients"] = ", ".join(bad[:k]) + (f" (+{len(bad) - k})" if len(bad) > k else "")
+    if finite:
+        out["largest finite gradient norms"] = ", ".join(f"{m}: {v:.3g}" for v, m in finite)
+    return out
+
+
+def from_finding(finding: Finding, groups: Mapping[str, GroupContext]) -> Diagnosis:
+    """A trend or deferred finding as a diagnosis (its origin: the finding's group and phase)."""
+    return Diagnosis(finding, origin_for(finding.phase or "backward", finding.group, groups))
+
+
+# -- the guard's own findings (one builder each) ---------------------------------------------------------
+
+
+def nonfinite_params(step: int, when: str = "before") -> Finding:
+    """Trainable weights that hold NaN/Inf (checked every ``param_check_every`` steps and at the end)."""
+    return Finding.of(
+        "nonfinite_param",
+        f"{when} step {step}: some trainable weights are not finite",
+        "resume from a checkpoint taken before the first fault",
+        step=step,
+        phase="optimizer",
+    )
+
+
+def unattributed(step: int) -> Finding:
+    """A rank flagged a non-finite value on the device that no detector could attribute."""
+    return Finding.of(
+        "nonfinite_grad",
+        f"step {step}: a non-finite value was seen in this step's statistics",
+        "rerun with GradGuard(trace='full') to find where it appears",
+        step=step,
+        phase="backward",
+    )
+
+
+def flagged_elsewhere(step: int) -> Finding:
+    """Under on_fault="warn", after the first fault: another rank saw a non-finite value again."""
+    return Finding.of(
+        "nonfinite_grad",
+        f"step {step}: another rank saw a non-finite value again",
+        "read the report written by rank 0: it names the rank where the fault began",
+        step=step,
+        phase="backward",
+    )
+
+
+def internal_error(exc: BaseException, step: int) -> Finding:
+    """gradguard itself failed: it disables itself and training goes on."""
+    return Finding.of(
+        "internal_error",
+        f"gradguard disabled itself after an internal error ({type(exc).__name__}: {exc}); training goes on",
+        "please report it; GradGuard(strict=True) re-raises it",
+        step=step,
+    )
 
 
 def _robust_z(x: float, window: deque[float]) -> tuple[float, float]:
@@ -374,7 +420,10 @@ class Trends:
             "start_losses": self.start_losses,
             "dead": self.dead,
             "reported_dead": sorted(self.reported_dead),
+            "near_zero": self.near_zero,
             "collapsed": self.collapsed,
+            "scaler_skips": self.scaler_skips,
+            "scaler_reported": self.scaler_reported,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -383,4 +432,7 @@ class Trends:
         self.start_losses = list(state.get("start_losses", []))
         self.dead = dict(state.get("dead", {}))
         self.reported_dead = set(state.get("reported_dead", []))
+        self.near_zero = int(state.get("near_zero", 0))
         self.collapsed = bool(state.get("collapsed", False))
+        self.scaler_skips = int(state.get("scaler_skips", 0))
+        self.scaler_reported = bool(state.get("scaler_reported", False))

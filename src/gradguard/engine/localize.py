@@ -1,7 +1,7 @@
 """Pinpoint the origin of a non-finite fault by replaying the failing step with tracing on.
 
 The guard finds a fault with one host sync per step and knows the *group* it began in. This module, called
-on the fault path only (``Guard._decide`` -> ``Guard._localize``, before the poisoned update is skipped),
+on the fault path only (by the guard while it diagnoses the step, before the poisoned update is skipped),
 answers the next two questions:
 
 1. **Which exact module?** The captured micro-batch(es) of the step are run again, forward and backward,
@@ -29,6 +29,7 @@ The result is the ``fault.localization`` dict of the report; its fields are docu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -39,21 +40,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradguard.engine import policy
-from gradguard.engine.probes import MicroBatch, find_loss, rng_state, set_rng_state
+from gradguard.engine import distributed
+from gradguard.engine.diagnosis import Diagnosis
+from gradguard.engine.probes import MicroBatch, Probes, find_loss, rng_state, set_rng_state
 from gradguard.engine.trace import (
     GRAD_PARAM,
-    Origin,
     Recorder,
     Tracer,
+    TraceSite,
     autocast_context,
     module_path,
 )
 
 if TYPE_CHECKING:
-    from gradguard.engine.guard import Guard
-    from gradguard.report.model import Finding
-    from gradguard.report.model import Origin as FaultOrigin
+    from gradguard.report.model import Origin
 
 log = logging.getLogger("gradguard")
 
@@ -66,8 +66,19 @@ class _Attempt:
     reproduced: bool
     original_loss: float | None
     replay_loss: float | None
-    origin: Origin | None = None
+    site: TraceSite | None = None
     backward: bool = False  # whether the replay got to run backward (it needs the loss from the forward)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The step being localised: the model, the probes holding its batches and gradient norms, and what the
+    original step ran with (autocast states, the fp16 loss scale)."""
+
+    model: nn.Module
+    probes: Probes
+    tracer: Tracer | None = None
+    scaler: Any = None
 
 
 @dataclass
@@ -81,16 +92,24 @@ class _Replay:
         return next((a for a in self.attempts if a.reproduced), None)
 
 
-def localize(guard: Guard, finding: Finding, origin: FaultOrigin) -> dict[str, Any] | None:
+def localize(
+    model: nn.Module,
+    probes: Probes,
+    origin: Origin,
+    *,
+    tracer: Tracer | None = None,
+    scaler: Any = None,
+    strict: bool = False,
+) -> dict[str, Any] | None:
     """Replay the faulty step with tracing on; return the ``fault.localization`` dict (or ``None``).
 
     Called by :class:`~gradguard.engine.guard.Guard` on a non-finite fault, after backward and before the
-    optimizer step, while ``.grad`` still holds the step's gradients. It can also be called directly, e.g.
-    to check a step by hand:
+    optimizer step, while ``.grad`` still holds the step's gradients; ``origin`` is where the step's statistics
+    say the fault began. It can also be called directly, e.g. to check a step by hand:
 
     >>> import torch
     >>> from gradguard import Guard
-    >>> from gradguard.report.model import Finding, Origin
+    >>> from gradguard.report.model import Origin
     >>> class Net(torch.nn.Module):  # like a transformers model, its forward returns the loss
     ...     def __init__(self) -> None:
     ...         super().__init__()
@@ -100,55 +119,72 @@ def localize(guard: Guard, finding: Finding, origin: FaultOrigin) -> dict[str, A
     >>> model = Net()
     >>> guard = Guard(model, console=False)
     >>> model(torch.randn(2, 4)).backward()
-    >>> finding = Finding.of("nonfinite_grad", "checked by hand", "-")
-    >>> loc = localize(guard, finding, Origin(phase="backward"))
+    >>> loc = localize(model, guard.probes, Origin(phase="backward"))
     >>> loc["verdict"], loc["replays"][0]["reproduced"]  # everything was finite: nothing to reproduce
     ('transient', False)
     >>> _ = guard.close()
     """
-    probes = guard.probes
-    if probes is None:
-        return None
-    tracer: Tracer | None = getattr(guard, "tracer", None)
+    step = _Step(model, probes, tracer, scaler)
     traced: dict[str, Any] | None = None
     if tracer is not None and tracer.recorder is not None:
-        o = tracer.recorder.locate()  # the original step's forward, as it ran (one host sync)
-        if o is not None:
-            traced = _describe(guard, tracer.recorder, o, "trace")
+        site = tracer.recorder.locate()  # the original step's forward, as it ran (one host sync)
+        if site is not None:
+            traced = _describe(step, tracer.recorder, site, "trace")
         else:  # forward finite: the backward, from the probes' per-parameter gradient norms
-            traced = _first_bad_param(guard, tracer.recorder)
-    reason = replay_blocker(guard)
+            traced = _first_bad_param(step, tracer.recorder)
+    reason = replay_blocker(model, probes)
     replay: _Replay | None = None
     if reason is None:
         try:
-            replay = _replay(guard, origin, tracer)
+            replay = _replay(step, origin)
         except Exception as exc:  # e.g. out of memory: the report must still come out
-            if guard.strict:
+            if strict:
                 raise
-            log.warning("gradguard: the replay of step %s failed (%s: %s)", guard.step, type(exc).__name__, exc)
+            log.warning("gradguard: the replay of the step failed (%s: %s)", type(exc).__name__, exc)
             reason = f"the replay failed ({type(exc).__name__}: {exc})"
-    return _result(guard, replay, traced, reason)
+    return _result(step, replay, traced, reason)
+
+
+def localized(
+    diagnosis: Diagnosis,
+    model: nn.Module,
+    probes: Probes,
+    *,
+    tracer: Tracer | None = None,
+    scaler: Any = None,
+    strict: bool = False,
+) -> Diagnosis:
+    """``diagnosis`` with the replay's localisation when it is a non-finite fault not born in the data; other
+    faults come back as they were. Localisation is a bonus: a replay that fails never costs the report."""
+    origin = diagnosis.origin
+    if not diagnosis.kind.startswith("nonfinite") or origin.phase == "data":
+        return diagnosis
+    try:
+        found = localize(model, probes, origin, tracer=tracer, scaler=scaler, strict=strict)
+    except Exception as exc:
+        log.warning("gradguard: could not localise the fault (%s: %s)", type(exc).__name__, exc)
+        if strict:
+            raise
+        return diagnosis
+    return dataclasses.replace(diagnosis, localization=found)
 
 
 # -- the replay -------------------------------------------------------------------------------------------
 
 
-def replay_blocker(guard: Guard) -> str | None:
+def replay_blocker(model: nn.Module, probes: Probes) -> str | None:
     """Why this step cannot be replayed, or ``None`` when it can."""
-    probes = guard.probes
-    if probes is None:
-        return "gradguard's probes are not attached"
     if not probes.micro:
         return "no training forward of the model was seen in this step"
     if not any(m.args or m.kwargs for m in probes.micro):
         return "the step's batches were not captured"
-    params = list(guard.model.parameters())
+    params = list(model.parameters())
     if any(hasattr(p, "ds_id") for p in params):
         return "DeepSpeed ZeRO partitions the parameters; a replay would disturb its gradient bookkeeping"
-    if policy.world() > 1:
+    if distributed.world() > 1:
         if any(type(p).__name__ == "DTensor" or hasattr(p, "_is_flat_param") for p in params):
             return "the parameters are sharded (FSDP): a replay would need every rank to run it in lockstep"
-        if any(isinstance(m, nn.SyncBatchNorm) for m in guard.model.modules()):
+        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
             return "SyncBatchNorm communicates in forward: a replay would need every rank to run it in lockstep"
     return None
 
@@ -169,7 +205,7 @@ def replay_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _replay_order(micro: list[MicroBatch], origin: FaultOrigin, losses: list[float | None]) -> list[int]:
+def _replay_order(micro: list[MicroBatch], origin: Origin, losses: list[float | None]) -> list[int]:
     """The micro-batch the step's statistics blame first (its output or loss went non-finite), then the rest."""
     first = origin.micro_batch
     if first is None:
@@ -181,18 +217,17 @@ def _replay_order(micro: list[MicroBatch], origin: FaultOrigin, losses: list[flo
     return order
 
 
-def _replay(guard: Guard, origin: FaultOrigin, tracer: Tracer | None) -> _Replay:
-    probes = guard.probes
-    assert probes is not None
+def _replay(step: _Step, origin: Origin) -> _Replay:
+    probes, tracer = step.probes, step.tracer
     micro = list(probes.micro)
     original = [m.loss for m in micro]
     known = [t for t in original if t is not None]
     values = iter(torch.stack([t.float().cpu() for t in known]).tolist() if known else [])
     losses: list[float | None] = [next(values) if t is not None else None for t in original]
-    model = replay_model(guard.model)
+    model = replay_model(step.model)
     device_type = tracer.device_type if tracer is not None else _device_type(model)
     autocast = tracer.autocast if tracer is not None and len(tracer.autocast) == len(micro) else None
-    scale = _loss_scale(guard)
+    scale = _loss_scale(step.scaler)
     out = _Replay()
     if any(not m.rng for m in micro):
         out.notes.append("the RNG state was not captured: dropout masks may differ from the original step")
@@ -200,7 +235,7 @@ def _replay(guard: Guard, origin: FaultOrigin, tracer: Tracer | None) -> _Replay
         out.notes.append("the autocast state of the step is unknown: the replay ran in the model's own precision")
     rec = Recorder(model, params=True, free_grads=True)
     out.recorder = rec
-    with _preserved(guard, tracer):
+    with _preserved(step):
         rec.attach()
         try:
             for k in _replay_order(micro, origin, losses):
@@ -229,7 +264,7 @@ def _replay_one(
     device_type: str,
     autocast: tuple[bool, torch.dtype] | None,
     scale: torch.Tensor | None,
-) -> tuple[Origin | None, float | None, bool]:
+) -> tuple[TraceSite | None, float | None, bool]:
     """Forward (and, if it stayed finite, backward) of one micro-batch: the origin found, the loss, and
     whether backward ran."""
     with torch.enable_grad(), autocast_context(device_type, autocast):
@@ -246,22 +281,21 @@ def _replay_one(
     return found, value, backward
 
 
-def _loss_scale(guard: Guard) -> torch.Tensor | None:
+def _loss_scale(scaler: Any) -> torch.Tensor | None:
     """The fp16 GradScaler's scale: the step's backward ran on the scaled loss, so the replay's does too."""
-    scale = getattr(guard.scaler, "_scale", None) if guard.scaler is not None else None
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
     return scale if isinstance(scale, torch.Tensor) else None
 
 
 @contextmanager
-def _preserved(guard: Guard, tracer: Tracer | None) -> Iterator[None]:
+def _preserved(step: _Step) -> Iterator[None]:
     """Run a replay and put back everything it could change: ``.grad``, RNG, running stats, records."""
-    probes = guard.probes
-    assert probes is not None
-    params = list(guard.model.parameters())
+    probes, tracer = step.probes, step.tracer
+    params = list(step.model.parameters())
     grads = [p.grad for p in params]  # references: the replay never writes into these tensors
     rng = rng_state()
     recorded = dict(vars(probes))  # reset() only rebinds attributes, so these objects stay intact
-    stats = [(t, t.clone()) for t in _running_stats(guard.model)]
+    stats = [(t, t.clone()) for t in _running_stats(step.model)]
     if tracer is not None:
         tracer.pause(True)
     probes.reset()  # the replay's forward must not be recorded as a new micro-batch of this step
@@ -313,7 +347,7 @@ def _dtype_fields(value: float | None, dtype: torch.dtype | None) -> dict[str, A
     return {"dtype": str(dtype).removeprefix("torch."), "dtype_max_fraction": fraction}
 
 
-def _module_info(guard: Guard, rec: Recorder, i: int) -> dict[str, Any]:
+def _module_info(step: _Step, rec: Recorder, i: int) -> dict[str, Any]:
     """Group, role and trainability of a module: those of its parameters, or of its nearest ancestor's."""
     by_raw = dict(zip(rec.raw_names, rec.modules))
     raw = rec.raw_names[i]
@@ -324,8 +358,7 @@ def _module_info(guard: Guard, rec: Recorder, i: int) -> dict[str, Any]:
         if params or not raw:
             break
         raw = raw.rsplit(".", 1)[0] if "." in raw else ""
-    probes = guard.probes
-    gmap = probes.gmap if probes is not None else None
+    gmap = step.probes.gmap
     group = role = None
     if gmap is not None:
         info = next((gmap.by_param[id(p)] for p in params if id(p) in gmap.by_param), None)
@@ -335,14 +368,14 @@ def _module_info(guard: Guard, rec: Recorder, i: int) -> dict[str, Any]:
     return {"group": group, "role": role, "trainable": any(p.requires_grad for p in params) if params else None}
 
 
-def _describe(guard: Guard, rec: Recorder, o: Origin, source: str) -> dict[str, Any]:
+def _describe(step: _Step, rec: Recorder, o: TraceSite, source: str) -> dict[str, Any]:
     """The localisation fields for an origin found by a recorder."""
     module = rec.modules[o.module]
     d: dict[str, Any] = {
         "source": source,
         "module": rec.names[o.module],
         "class": type(module).__name__,
-        **_module_info(guard, rec, o.module),
+        **_module_info(step, rec, o.module),
         "phase": o.phase,
         "micro_batch": o.micro,
         "value": _value_name(o.value),
@@ -385,16 +418,12 @@ def _describe(guard: Guard, rec: Recorder, o: Origin, source: str) -> dict[str, 
     return d
 
 
-def _first_bad_param(guard: Guard, rec: Recorder, ramp: int = 4) -> dict[str, Any] | None:
+def _first_bad_param(step: _Step, rec: Recorder, ramp: int = 4) -> dict[str, Any] | None:
     """Trace mode's backward origin: the first parameter, in the order backward produced the gradients,
     whose gradient norm is not finite (the probes record them anyway; read with one host sync)."""
-    probes = guard.probes
-    assert probes is not None
-    order = [i for i in dict.fromkeys(probes.grad_order) if probes.grad_slots[i] is not None]
-    if not order:
-        return None
-    device = probes.grad_slots[order[0]].device  # type: ignore[union-attr]
-    values = torch.stack([probes.grad_slots[i].to(device) for i in order]).tolist()  # type: ignore[union-attr]
+    probes = step.probes
+    in_order = probes.norms_in_order()
+    order, values = [i for i, _ in in_order], [v for _, v in in_order]
     at = next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
     if at is None:
         return None
@@ -405,7 +434,7 @@ def _first_bad_param(guard: Guard, rec: Recorder, ramp: int = 4) -> dict[str, An
         return index.get(name.rsplit(".", 1)[0] if "." in name else "", 0)
 
     bad = order[at]
-    d = _describe(guard, rec, Origin("backward", owner(bad), 0, values[at]), "trace")
+    d = _describe(step, rec, TraceSite("backward", owner(bad), 0, values[at]), "trace")
     d["micro_batch"] = None  # gradients accumulate over micro-batches: which one is not known here
     d["parameter"] = module_path(probes.params[bad][0])
     d["frames"] = [
@@ -449,100 +478,81 @@ def _sentence(d: dict[str, Any]) -> str:
     )
 
 
-def _result(guard: Guard, replay: _Replay | None, traced: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+_FIELDS = ("source", "module", "class", "group", "role", "trainable", "phase", "micro_batch", "value", "parameter")
+_NO_REPLAY = "use GradGuard(trace='full') / Guard(trace='full') to localise faults that cannot be replayed"
+
+
+def _result(step: _Step, replay: _Replay | None, traced: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+    """The ``fault.localization`` dict: where the replay (or the trace) found the origin, and the verdict."""
     notes = list(replay.notes) if replay is not None else []
     attempts = replay.attempts if replay is not None else []
+    base: dict[str, Any] = {**dict.fromkeys(_FIELDS), "frames": []}
     hit = replay.hit if replay is not None else None
-    base: dict[str, Any] = {
-        "source": None,
-        "module": None,
-        "class": None,
-        "group": None,
-        "role": None,
-        "trainable": None,
-        "phase": None,
-        "micro_batch": None,
-        "value": None,
-        "parameter": None,
-        "frames": [],
-    }
     if hit is not None and replay is not None and replay.recorder is not None:
         verdict = DETERMINISTIC
-        if hit.origin is not None:
-            base.update(_describe(guard, replay.recorder, hit.origin, "replay"))
-            where = _sentence(base)
-        else:  # every module's output was finite but the loss was not: the loss computation itself
-            root = replay.recorder
-            base.update({"source": "replay", "module": root.names[0], "class": root.class_name(0), "phase": "forward"})
-            base.update(_module_info(guard, root, 0))
-            base["value"] = _value_name(hit.replay_loss)
-            where = "every module's output was finite but the loss was not: the loss computation itself"
-        base["micro_batch"] = hit.micro_batch
-        message = f"replaying micro-batch {hit.micro_batch} reproduces the fault: {where}"
-        advice = (
-            "deterministic: the same batch, weights and RNG state produce it again, so the cause is the data of "
-            f"micro-batch {hit.micro_batch} or the model, not the hardware. Inspect that batch and "
-            f"`{base['module']}`"
-            + (
-                "; for an overflow: lower the learning rate or warm it up, prefer bf16 to fp16, clip gradients, "
-                "or keep this module in fp32"
-                if base.get("value") == "inf"
-                else ""
-            )
-        )
-    elif attempts and not all(a.backward for a in attempts):
-        verdict = UNKNOWN
-        message = (
-            "not reproduced in forward, and the replay could not run backward: the model's forward returns no "
-            "loss (it is computed outside the model), so a fault in the loss or in backward cannot be replayed"
-        )
-        advice = "use GradGuard(trace='full') / Guard(trace='full') to localise faults that cannot be replayed"
-    elif attempts:
-        verdict = TRANSIENT
-        n = len(attempts)
-        matched = [
-            a
-            for a in attempts
-            if a.original_loss is not None and a.replay_loss is not None and a.original_loss == a.replay_loss
-        ]
-        message = (
-            f"the replay of the step's {n} micro-batch{'es' if n > 1 else ''} with the same batch, weights and "
-            "RNG state stayed finite: the fault did not reproduce"
-        )
-        if matched:
-            message += f" (the replayed loss matched the original bitwise for {len(matched)} of them)"
-        advice = (
-            "transient: suspect the hardware (a flaky GPU or memory; check `nvidia-smi -q` for ECC and Xid errors) "
-            "or non-determinism. Resume from the last checkpoint; if it happens again, rerun the step on other "
-            "hardware (as Megatron-LM's rerun state machine does) and keep Guard(trace='full') on to localise it "
-            "in the original step"
-        )
+        message, advice = _reproduced(step, replay.recorder, hit, base)
     else:
-        verdict = UNKNOWN
-        message = f"not replayed: {reason or 'nothing to replay'}"
-        advice = "use GradGuard(trace='full') / Guard(trace='full') to localise faults that cannot be replayed"
+        verdict, message, advice = _not_reproduced(attempts, reason)
     if traced is not None:
         if base["module"] is None:
             base.update(traced)
             message += f"; in the original step (traced): {_sentence(traced)}"
         elif traced["module"] != base["module"]:
             notes.append(f"the trace of the original step points at `{traced['module']}` ({traced['phase']})")
-    base.update(
-        {
-            "verdict": verdict,
-            "message": message,
-            "advice": advice,
-            "replays": [
-                {
-                    "micro_batch": a.micro_batch,
-                    "reproduced": a.reproduced,
-                    "original_loss": a.original_loss,
-                    "replay_loss": a.replay_loss,
-                }
-                for a in attempts
-            ],
-            "trace": traced,
-            "notes": notes,
-        }
-    )
+    replays = [
+        {"micro_batch": a.micro_batch, "reproduced": a.reproduced, "original_loss": a.original_loss,
+         "replay_loss": a.replay_loss}
+        for a in attempts
+    ]  # fmt: skip
+    base.update(verdict=verdict, message=message, advice=advice, replays=replays, trace=traced, notes=notes)
     return base
+
+
+def _reproduced(step: _Step, recorder: Recorder, hit: _Attempt, base: dict[str, Any]) -> tuple[str, str]:
+    """A deterministic fault: fill ``base`` with the module the replay found; the message and advice."""
+    if hit.site is not None:
+        base.update(_describe(step, recorder, hit.site, "replay"))
+        where = _sentence(base)
+    else:  # every module's output was finite but the loss was not: the loss computation itself
+        base.update({"source": "replay", "module": recorder.names[0], "class": recorder.class_name(0)})
+        base.update(_module_info(step, recorder, 0), phase="forward", value=_value_name(hit.replay_loss))
+        where = "every module's output was finite but the loss was not: the loss computation itself"
+    base["micro_batch"] = hit.micro_batch
+    message = f"replaying micro-batch {hit.micro_batch} reproduces the fault: {where}"
+    advice = (
+        "deterministic: the same batch, weights and RNG state produce it again, so the cause is the data of "
+        f"micro-batch {hit.micro_batch} or the model, not the hardware. Inspect that batch and `{base['module']}`"
+    )
+    if base.get("value") == "inf":
+        advice += (
+            "; for an overflow: lower the learning rate or warm it up, prefer bf16 to fp16, clip gradients, "
+            "or keep this module in fp32"
+        )
+    return message, advice
+
+
+def _not_reproduced(attempts: list[_Attempt], reason: str | None) -> tuple[str, str, str]:
+    """(verdict, message, advice) when no replay reproduced the fault, or none could run."""
+    if attempts and not all(a.backward for a in attempts):
+        message = (
+            "not reproduced in forward, and the replay could not run backward: the model's forward returns no "
+            "loss (it is computed outside the model), so a fault in the loss or in backward cannot be replayed"
+        )
+        return UNKNOWN, message, _NO_REPLAY
+    if not attempts:
+        return UNKNOWN, f"not replayed: {reason or 'nothing to replay'}", _NO_REPLAY
+    n = len(attempts)
+    matched = [a for a in attempts if a.original_loss is not None and a.original_loss == a.replay_loss]
+    message = (
+        f"the replay of the step's {n} micro-batch{'es' if n > 1 else ''} with the same batch, weights and "
+        "RNG state stayed finite: the fault did not reproduce"
+    )
+    if matched:
+        message += f" (the replayed loss matched the original bitwise for {len(matched)} of them)"
+    advice = (
+        "transient: suspect the hardware (a flaky GPU or memory; check `nvidia-smi -q` for ECC and Xid errors) "
+        "or non-determinism. Resume from the last checkpoint; if it happens again, rerun the step on other "
+        "hardware (as Megatron-LM's rerun state machine does) and keep Guard(trace='full') on to localise it "
+        "in the original step"
+    )
+    return TRANSIENT, message, advice

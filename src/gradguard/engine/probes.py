@@ -21,6 +21,7 @@ step's worth into a single packed tensor, so the guard reads it with one host sy
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.core.groups import GroupMap
-from gradguard.engine.policy import shard_weight
+from gradguard.engine.distributed import shard_weight
 
 IGNORE_INDEX = -100
 _FUSED = (torch.float32, torch.bfloat16, torch.float16)  # gradient dtypes whose norms are batched (in fp32)
@@ -243,6 +244,7 @@ class Probes:
         self._deferred: list[tuple[int, torch.Tensor]] = []  # (index in group_outputs, a head's output)
         self.micro: list[MicroBatch] = []
         self._pending_rng: dict[str, Any] = {}
+        self._loss_upto = 0  # micro-batches already paired with a loss handed over by add_loss()
 
     # -- hooks (collect only; an exception is contained by the guard) --------------------------------
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
@@ -272,18 +274,25 @@ class Probes:
             self._fail(exc)
 
     def take_norms(self) -> None:
-        """The norms of the gradients noted since the last call, in one ``_foreach_norm`` (pre-clip: it runs
-        when backward ends, or at the latest in the step's check)."""
+        """The norms of the gradients noted since the last call (pre-clip: it runs when backward ends, or at the
+        latest in the step's check). One ``_foreach_norm`` per (device, dtype), as torch's own
+        ``clip_grad_norm_`` groups them: the fused kernel takes one device and one dtype per call, so a fp32
+        LoRA beside a bf16 tower stays on the fast path."""
         pending, self._unnormed = self._unnormed, []  # rebind, never mutate: replays snapshot attributes
-        ix = [i for i in dict.fromkeys(pending) if self.params[i][1].grad is not None]
-        grads = [self.params[i][1].grad for i in ix]
-        fast = [k for k, g in enumerate(grads) if type(g) is torch.Tensor and not g.is_sparse and g.dtype in _FUSED]
-        if fast:
-            norms = torch._foreach_norm([grads[k] for k in fast], 2, dtype=torch.float32)  # type: ignore[misc]
-            for k, n in zip(fast, norms):
-                self.grad_slots[ix[k]] = n
-        for k in sorted(set(range(len(ix))) - set(fast)):  # sparse, float64, complex, tensor subclasses
-            self.grad_slots[ix[k]] = grad_norm(grads[k])  # type: ignore[arg-type]
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i in dict.fromkeys(pending):
+            g = self.params[i][1].grad
+            if g is None:
+                continue
+            if type(g) is torch.Tensor and not g.is_sparse and g.dtype in _FUSED:
+                by_kind.setdefault((g.device, g.dtype), []).append(i)
+            else:  # sparse, float64, complex, tensor subclasses
+                self.grad_slots[i] = grad_norm(g)
+        for ix in by_kind.values():
+            grads = [self.params[i][1].grad for i in ix]
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[arg-type]
+            for i, n in zip(ix, norms):
+                self.grad_slots[i] = n
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         # RNG state at the start of each forward, so a replay sees the same dropout masks.
@@ -355,6 +364,24 @@ class Probes:
         if dropped:
             self.group_outputs = [e for i, e in enumerate(self.group_outputs) if i not in dropped]
 
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """A micro-batch's loss computed outside the model's forward (``Guard.record_loss``), on the device.
+
+        It belongs to the latest forward of the model since the last call, unless that forward returned a loss
+        of its own (the raw, unscaled one wins); with no forward of the model since (Lightning calls
+        ``training_step``, not the model's ``forward``), it is a micro-batch of its own.
+        """
+        self.settle()  # a head's output, when no forward of the guarded model returned (Lightning)
+        value = loss.detach().float().reshape(())  # stays on the device: no host sync here
+        if len(self.micro) >= MAX_MICRO_BATCHES:
+            self.reset()  # nobody calls check(): bound memory, as the forward hook does
+        if len(self.micro) > self._loss_upto:
+            if self.micro[-1].loss is None:
+                self.micro[-1].loss = value
+        else:
+            self.micro.append(MicroBatch(index=len(self.micro), loss=value))
+        self._loss_upto = len(self.micro)
+
     def _fail(self, exc: BaseException) -> None:
         if self._on_error is None:
             raise exc
@@ -420,6 +447,39 @@ class Probes:
         per_group = torch.zeros(len(self.group_names), 3, device=device).index_add_(0, gidx, per_param)
         module_sumsq = torch.zeros(len(self.modules), device=device).index_add_(0, midx, sq)
         return per_group, module_sumsq
+
+    def norms_in_order(self) -> list[tuple[int, float]]:
+        """(parameter index, gradient norm) in the order backward produced the gradients: one host read, for
+        the fault path only."""
+        if self._unnormed:
+            self.take_norms()
+        order = [i for i in dict.fromkeys(self.grad_order) if self.grad_slots[i] is not None]
+        if not order:
+            return []
+        device = self.grad_slots[order[0]].device  # type: ignore[union-attr]
+        values = torch.stack([self.grad_slots[i].to(device) for i in order]).tolist()  # type: ignore[union-attr]
+        return list(zip(order, values))
+
+    def first_nonfinite_grad(self) -> tuple[str, str] | None:
+        """(group, parameter name) of the first gradient, in backward order, whose norm is not finite."""
+        bad = next((i for i, v in self.norms_in_order() if not math.isfinite(v)), None)
+        return None if bad is None else (self.group_names[self.param_group[bad]], self.params[bad][0])
+
+    def set_grad_norms(self, norms: dict[int, torch.Tensor], shard_weights: dict[int, float] | None = None) -> None:
+        """Gradient norms read by someone else than the hooks (DeepSpeed's partitions, read right before its
+        optimizer step); ``shard_weights``: which of them are this rank's piece of a split gradient (see
+        :meth:`set_shard_weights`). Parameters the hooks did not see arrive count as produced last."""
+        for i, n in norms.items():
+            self.grad_slots[i] = n
+        if shard_weights is not None and shard_weights != self.shard_weights:
+            self.set_shard_weights(shard_weights)
+        seen = set(self.grad_order)
+        self.grad_order += [i for i in reversed(range(len(self.params))) if i in norms and i not in seen]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing was recorded since the last reset: no training forward, no gradient (no step to check)."""
+        return not self.micro and not self.grad_order and not self._unnormed
 
     def fired_per_group(self) -> list[int]:
         counts = [0] * len(self.group_names)

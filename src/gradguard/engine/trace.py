@@ -365,14 +365,15 @@ class Recorder:
     def param_name(self, j: int) -> str:
         return module_path(self.params[j][0])
 
-    def locate(self, ramp: int = 8) -> Origin | None:
+    def locate(self, ramp: int = 8) -> TraceSite | None:
         """The origin of the first non-finite value recorded (one host sync)."""
         return locate(self.read(), self.param_owner, ramp)
 
 
 @dataclass
-class Origin:
-    """What :func:`locate` found: the module (index into the recorder's tables), phase and frames."""
+class TraceSite:
+    """Where :func:`locate` found the first non-finite value: the module (an index into the recorder's tables),
+    the phase and the frames leading to it. The fault's origin in the report is built from it."""
 
     phase: str  # "forward" | "backward"
     module: int
@@ -385,7 +386,7 @@ class Origin:
     frame_inputs: list[float | None] | None = None  # forward: the input abs-max of each frame
 
 
-def locate(events: list[Event], param_owner: Sequence[int] = (), ramp: int = 8) -> Origin | None:
+def locate(events: list[Event], param_owner: Sequence[int] = (), ramp: int = 8) -> TraceSite | None:
     """Where the first non-finite value was born, from a recorder's events; ``None`` if all are finite.
 
     >>> locate([]) is None
@@ -399,7 +400,7 @@ def locate(events: list[Event], param_owner: Sequence[int] = (), ramp: int = 8) 
     return _locate_backward(events, events.index(first), param_owner, ramp)
 
 
-def _locate_forward(events: list[Event], first: Event, ramp: int) -> Origin:
+def _locate_forward(events: list[Event], first: Event, ramp: int) -> TraceSite:
     # Each call's hook records its input event, then its output event: pair them, in completion order.
     calls = [(i, o) for i, o in itertools.pairwise(events) if i.kind == FWD_IN and o.kind == FWD_OUT]
     pick = next((k for k, (i, o) in enumerate(calls) if not o.finite and i.finite), None)
@@ -408,7 +409,7 @@ def _locate_forward(events: list[Event], first: Event, ramp: int) -> Origin:
         pick = next(k for k, (_, o) in enumerate(calls) if o is first)
     window = calls[max(0, pick + 1 - ramp) : pick + 1]
     out = window[-1][1]
-    return Origin(
+    return TraceSite(
         phase="forward",
         module=out.index,
         micro=out.micro,
@@ -419,17 +420,17 @@ def _locate_forward(events: list[Event], first: Event, ramp: int) -> Origin:
     )
 
 
-def _locate_backward(events: list[Event], at: int, param_owner: Sequence[int], ramp: int) -> Origin:
+def _locate_backward(events: list[Event], at: int, param_owner: Sequence[int], ramp: int) -> TraceSite:
     first = events[at]
     bwd = [e for e in events[: at + 1] if e.kind in (GRAD_OUT, GRAD_PARAM) and e.micro == first.micro]
     frames = bwd[-ramp:]
     if first.kind == GRAD_PARAM:
         owner = param_owner[first.index] if first.index < len(param_owner) else 0
-        return Origin("backward", owner, first.micro, first.value, parameter=first.index, frames=frames)
+        return TraceSite("backward", owner, first.micro, first.value, parameter=first.index, frames=frames)
     # The gradient arriving at `first`'s module is the first non-finite one: it was produced by the backward
     # of the module whose own incoming gradient was the last finite one before it.
     producer = next((e for e in reversed(bwd[:-1]) if e.kind == GRAD_OUT and e.finite), None)
-    return Origin(
+    return TraceSite(
         "backward",
         producer.index if producer is not None else first.index,
         first.micro,
@@ -526,7 +527,7 @@ class Tracer:
                 raise
             self._on_error(exc)
 
-    def locate(self) -> Origin | None:
+    def locate(self) -> TraceSite | None:
         """The origin of the first non-finite value in this step (trace mode; one host sync)."""
         return self.recorder.locate() if self.recorder is not None else None
 

@@ -19,12 +19,14 @@ guard's hooks on ``Guard.close()``). Right before DeepSpeed's step, on every ran
 3. on a fault (``on_fault="stop"`` or ``"raise"``) DeepSpeed's step is not run and its gradients are
    dropped, as DeepSpeed itself does for an fp16 overflow: the weights stay as they were.
 
-The Trainer callback's own check for that step then returns the decision already taken. ``deepspeed`` is
-imported only when the optimizer is DeepSpeed's. In a hand-written DeepSpeed loop, build the guard with
-the engine's optimizer and do not call ``guard.check()`` yourself::
+The Trainer callback's own check for that step then finds nothing new and returns the decision already
+taken. ``deepspeed`` is imported only when the optimizer is DeepSpeed's. The HF callback attaches this by
+itself; in a hand-written DeepSpeed loop, build the guard with the engine's optimizer, attach, and do not
+call ``guard.check()`` yourself::
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
-    guard = Guard(engine.module, engine.optimizer)        # checks inside engine.step()
+    guard = Guard(engine.module, engine.optimizer)
+    gradguard.integrations.deepspeed.attach(guard)        # checks inside engine.step()
     for batch in loader:
         engine.backward(engine(**batch).loss)
         engine.step()
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradguard.engine import policy
+from gradguard.engine import distributed
 from gradguard.engine.probes import grad_norm
 
 if TYPE_CHECKING:
@@ -91,14 +93,14 @@ def local_grad(param: torch.Tensor) -> tuple[torch.Tensor | None, float]:
             fragment = fragment.narrow(0, address.start, address.numel)
         return fragment, _partition_weight(param)
     # Not partitioned (no ZeRO): the whole gradient, already averaged over the ranks, the same on each.
-    return param.grad, 1.0 / policy.world()
+    return param.grad, 1.0 / distributed.world()
 
 
 def _partition_weight(param: torch.Tensor) -> float:
     """Share of the world holding each distinct partition (data-parallel group size / world size)."""
     group = getattr(param, "ds_process_group", None) or getattr(param, "_dp_group", None)
-    size = torch.distributed.get_world_size(group) if group is not None else policy.world()
-    return size / policy.world()
+    size = torch.distributed.get_world_size(group) if group is not None else distributed.world()
+    return size / distributed.world()
 
 
 class StepHook:
@@ -120,12 +122,10 @@ class StepHook:
             try:
                 self._read_partitions()
             except Exception as exc:  # a bug in gradguard never kills the run
-                guard._internal_error(exc)
-        guard._checked_in_step = None
-        ok = guard.check()  # may raise TrainingHealthError (on_fault="raise"): DeepSpeed's step is not run
-        guard._checked_in_step = guard.step  # the callback's check for this step returns this decision
-        if not ok:
-            self._skip()
+                guard.contain(exc)
+        # May raise TrainingHealthError (on_fault="raise"): DeepSpeed's step is not run. On a fault the guard's
+        # policy has dropped this step's gradients (DeepSpeed's own buffers too): the step must not run.
+        if not guard.check():
             return None
         return self.original(*args, **kwargs)
 
@@ -133,35 +133,19 @@ class StepHook:
         probes = self.guard.probes
         if probes is None:
             return
-        weights: dict[int, float] = {}
+        norms, weights = {}, {}
         for i, (_, p) in enumerate(probes.params):
             g, weights[i] = local_grad(p)
             # A rank without a part of this gradient contributes 0 to the sum over the ranks.
-            probes.grad_slots[i] = grad_norm(g) if g is not None else torch.zeros((), device=p.device)
-        if weights != probes.shard_weights:
-            probes.set_shard_weights(weights)
-        seen = set(probes.grad_order)  # backward order, when our hooks saw the gradients arrive
-        probes.grad_order += [i for i in reversed(range(len(probes.params))) if i not in seen]
-
-    def _skip(self) -> None:
-        """Drop this step's gradients, as DeepSpeed does for an overflowed fp16 step."""
-        opt = self.optimizer
-        try:
-            opt.zero_grad(set_to_none=True)
-            averaged = getattr(opt, "averaged_gradients", None)
-            if isinstance(averaged, dict):
-                for key in averaged:
-                    averaged[key] = None
-            opt.overflow = True  # the engine then counts a skipped step and leaves the LR schedule alone
-        except Exception as exc:
-            log.warning("gradguard: could not drop DeepSpeed's gradients (%s); training stops anyway", exc)
+            norms[i] = grad_norm(g) if g is not None else torch.zeros((), device=p.device)
+        probes.set_grad_norms(norms, weights)
 
 
 def attach(guard: Guard) -> bool:
     """Route the guard's gradient reading and check through DeepSpeed's optimizer step, when DeepSpeed trains.
 
-    Called by :meth:`Guard.start`; returns whether DeepSpeed was found. The hook is removed with the
-    guard's other hooks.
+    Call it after :meth:`Guard.start` (the HF callback does); returns whether DeepSpeed was found. The hook
+    is removed with the guard's other hooks.
 
     >>> from gradguard import Guard
     >>> model = torch.nn.Linear(2, 1)
@@ -172,5 +156,6 @@ def attach(guard: Guard) -> bool:
     if optimizer is None or guard.probes is None:
         return False
     guard.probes.own(StepHook(guard, optimizer))
+    guard.probes.batched = False  # DeepSpeed's hooks move gradients into its partitions during backward
     log.info("gradguard: DeepSpeed %s found: checking inside its optimizer step", type(optimizer).__name__)
     return True

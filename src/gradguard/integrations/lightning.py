@@ -20,8 +20,8 @@ A thin adapter: Lightning's hooks drive :class:`gradguard.engine.guard.Guard`.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from gradguard.engine.guard import Guard, OnFault, validate_options
+from gradguard.engine.guard import Guard
+from gradguard.engine.options import Options
 from gradguard.report.model import Report
 
 
@@ -44,7 +45,8 @@ class _AllOptimizers:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
 
-class GradGuardCallback(Callback):
+@dataclass(eq=False)
+class GradGuardCallback(Options, Callback):
     """Training-health guard for ``lightning.Trainer``.
 
     >>> from gradguard.integrations.lightning import GradGuardCallback
@@ -53,7 +55,7 @@ class GradGuardCallback(Callback):
     >>> callback.report.status                                                                # doctest: +SKIP
     'healthy'
 
-    Args mirror :class:`~gradguard.engine.guard.Guard` (``expect_trainable``, ``on_fault``, ``report_dir``,
+    Takes the :class:`~gradguard.engine.options.Options` (``expect_trainable``, ``on_fault``, ``report_dir``,
     ``groups``, ``thresholds``, ``strict``, ``console``, ``localize``, ``trace``), plus:
 
     Args:
@@ -64,30 +66,10 @@ class GradGuardCallback(Callback):
             the ``LightningModule`` itself is watched.
     """
 
-    def __init__(
-        self,
-        expect_trainable: str | Sequence[str] | None = None,
-        on_fault: OnFault = "stop",
-        report_dir: str | os.PathLike[str] | None = None,
-        groups: Mapping[str, str] | None = None,
-        thresholds: Mapping[str, Any] | None = None,
-        strict: bool = False,
-        console: bool = True,
-        localize: bool = True,
-        trace: str | None = None,
-        module: str | None = None,
-    ) -> None:
-        validate_options(on_fault, trace)
-        self.expect_trainable = expect_trainable
-        self.on_fault: OnFault = on_fault
-        self.report_dir = report_dir
-        self.groups = dict(groups) if groups else None
-        self.thresholds = dict(thresholds) if thresholds else None
-        self.strict = strict
-        self.console = console
-        self.localize = localize
-        self.trace = trace
-        self.module = module
+    module: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.guard: Guard | None = None
         self.report: Report | None = None  # set when training ends
         self._resume: dict[str, Any] | None = None
@@ -96,22 +78,11 @@ class GradGuardCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = list(trainer.optimizers)
         optimizer: Any = optimizers[0] if len(optimizers) == 1 else _AllOptimizers(optimizers) if optimizers else None
-        report_dir = self.report_dir if self.report_dir is not None else trainer.log_dir
-        guard = Guard(
-            self.watched_module(pl_module),
-            optimizer,
-            expect_trainable=self.expect_trainable,
-            on_fault=self.on_fault,
-            report_dir=report_dir,
-            groups=self.groups,
-            thresholds=self.thresholds,
-            strict=self.strict,
-            console=self.console and trainer.is_global_zero,
-            scaler=getattr(trainer.precision_plugin, "scaler", None),  # fp16 "16-mixed" on GPU only
-            localize=self.localize,
-            trace=self.trace,  # type: ignore[arg-type]
-            start=False,
-        )
+        options = self.as_options()
+        options.report_dir = self.report_dir if self.report_dir is not None else trainer.log_dir
+        options.console = self.console and trainer.is_global_zero
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16 "16-mixed" on GPU only
+        guard = Guard(self.watched_module(pl_module), optimizer, options=options, scaler=scaler, start=False)
         if self._resume:
             guard.load_state_dict(self._resume)
         self.guard, self.report = guard, None

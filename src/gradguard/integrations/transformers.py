@@ -18,65 +18,49 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from gradguard.engine.guard import Guard, OnFault, validate_options
+from gradguard.engine.diagnosis import Diagnosis, plain
+from gradguard.engine.guard import Guard
+from gradguard.engine.options import Options
+from gradguard.integrations import deepspeed  # imports no deepspeed
 from gradguard.report.model import Finding
 
+# How the Trainer's own logs show a NaN loss (its `logging_nan_inf_filter`, on by default): the sentence a
+# fault report carries, so that `loss 0.0, grad_norm nan` is recognised as this fault.
+_MASKED = (
+    "Trainer's logging_nan_inf_filter shows this NaN loss as 0.0 (or a stale average): "
+    "`loss 0.0, grad_norm nan` in the logs is this fault"
+)
 
-class _TrainerGuard(Guard):
-    masked_by_filter = True
 
-    def _masked_in_logs(self) -> bool:
-        return self.masked_by_filter
-
-
-class GradGuard(TrainerCallback, ExportableState):
-    """Drop-in training-health guard for ``transformers.Trainer``.
+@dataclass(eq=False)
+class GradGuard(Options, TrainerCallback, ExportableState):
+    """Drop-in training-health guard for ``transformers.Trainer`` (and TRL's trainers).
 
     >>> from gradguard import GradGuard
     >>> callback = GradGuard(expect_trainable=["vpm", "resampler"])   # doctest: +SKIP
     >>> Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()  # doctest: +SKIP
 
-    Args mirror :class:`~gradguard.engine.guard.Guard`: ``expect_trainable``, ``on_fault``
-    (``"stop"``, ``"raise"``, ``"warn"``), ``report_dir`` (default: ``args.output_dir``), ``groups``,
-    ``thresholds``, ``strict``, ``localize`` (replay a faulty step to pinpoint the module), ``trace``
-    (``"full"``: every-module checks on every step); ``log_module_norms=True`` also logs per-module gradient norms at
-    ``logging_steps``.
+    Takes the :class:`~gradguard.engine.options.Options` (``expect_trainable``, ``on_fault``: ``"stop"``,
+    ``"raise"``, ``"warn"``; ``report_dir``, default ``args.output_dir``; ``groups``, ``thresholds``, ``strict``,
+    ``console``, ``localize``, ``trace``), plus ``log_module_norms=True`` to also log per-module gradient
+    norms at ``logging_steps``.
     """
 
-    def __init__(
-        self,
-        expect_trainable: str | Sequence[str] | None = None,
-        on_fault: OnFault = "stop",
-        report_dir: str | None = None,
-        groups: Mapping[str, str] | None = None,
-        thresholds: Mapping[str, Any] | None = None,
-        strict: bool = False,
-        console: bool = True,
-        log_module_norms: bool = False,
-        localize: bool = True,
-        trace: str | None = None,
-    ) -> None:
-        validate_options(on_fault, trace)
-        self.expect_trainable = [expect_trainable] if isinstance(expect_trainable, str) else expect_trainable
-        self.on_fault: OnFault = on_fault
-        self.report_dir = report_dir
-        self.groups = dict(groups) if groups else None
-        self.thresholds = dict(thresholds) if thresholds else None
-        self.strict = strict
-        self.console = console
-        self.log_module_norms = log_module_norms
-        self.localize = localize
-        self.trace = trace
-        self.guard: _TrainerGuard | None = None
+    log_module_norms: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.guard: Guard | None = None
         self._resume: dict[str, Any] | None = None
         self._masked_reported = False
         self._last_logged_step = 0
+        self._masking = False  # the Trainer's logs show a NaN loss as 0.0 (logging_nan_inf_filter)
 
     # -- Trainer events -----------------------------------------------------------------------------------
     def on_train_begin(
@@ -88,22 +72,18 @@ class GradGuard(TrainerCallback, ExportableState):
             raise ValueError("GradGuard needs the model: use it as a Trainer callback (callbacks=[GradGuard()])")
         if self.guard is not None:  # an earlier train() that was interrupted: on_train_end never came
             self.guard.close()
-        guard = _TrainerGuard(
+        options = self.as_options()
+        options.report_dir = self.report_dir or args.output_dir
+        options.console = self.console and state.is_world_process_zero
+        self._masking = bool(getattr(args, "logging_nan_inf_filter", False))
+        guard = Guard(
             model,
             optimizer,
-            expect_trainable=self.expect_trainable,
-            on_fault=self.on_fault,
-            report_dir=self.report_dir or args.output_dir,
-            groups=self.groups,
-            thresholds=self.thresholds,
-            strict=self.strict,
-            console=self.console and state.is_world_process_zero,
+            options=options,
             scaler=getattr(optimizer, "scaler", None),
-            localize=self.localize,
-            trace=self.trace,  # type: ignore[arg-type]
+            explain=self._explain,
             start=False,
         )
-        guard.masked_by_filter = bool(getattr(args, "logging_nan_inf_filter", False))
         self.guard = guard
         try:  # gradguard's own bookkeeping: a bug here disables gradguard, never the training
             self._put_first_for_logging()
@@ -116,12 +96,18 @@ class GradGuard(TrainerCallback, ExportableState):
             if resume:
                 guard.load_state_dict(resume)
         except Exception as exc:
-            guard._internal_error(exc)
+            guard.contain(exc)
         self._last_logged_step = state.global_step
         if not guard.disabled:
             guard.start()  # contains its own errors, but bad input (ConfigurationError) raises here
+            if not guard.disabled:
+                deepspeed.attach(guard)  # under DeepSpeed, check inside its optimizer step
         if guard.stopped:
             control.should_training_stop = True
+
+    def _explain(self, diagnosis: Diagnosis) -> dict[str, str]:
+        """What the Trainer's own logs show of this fault."""
+        return {"logged as": _MASKED} if diagnosis.kind == "nonfinite_loss" and self._masking else {}
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -149,28 +135,26 @@ class GradGuard(TrainerCallback, ExportableState):
         try:
             self._log(guard, state, logs)
         except Exception as exc:
-            guard._internal_error(exc)
+            guard.contain(exc)
 
-    def _log(self, guard: _TrainerGuard, state: TrainerState, logs: dict[str, Any]) -> None:
-        window = [s for s in guard.nonfinite_loss_steps if s > self._last_logged_step]
+    def _log(self, guard: Guard, state: TrainerState, logs: dict[str, Any]) -> None:
+        window = [s for s in guard.journal.nonfinite_loss_steps if s > self._last_logged_step]
         self._last_logged_step = state.global_step
         values = self.log_values()
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
-        if window and guard.masked_by_filter and not self._masked_reported:
+        if window and self._masking and not self._masked_reported:
             self._masked_reported = True
-            guard._record(
-                [
-                    Finding.of(
-                        "masked_nonfinite_log",
-                        f"the Trainer logged loss {logs['loss']} at step {state.global_step}, but the raw loss "
-                        f"was NaN/Inf at step(s) {', '.join(map(str, window[:10]))}: logging_nan_inf_filter "
-                        "hides it",
-                        "read gradguard's report (or set logging_nan_inf_filter=False) to see the real loss",
-                        step=state.global_step,
-                    )
-                ]
+            guard.add_finding(
+                Finding.of(
+                    "masked_nonfinite_log",
+                    f"the Trainer logged loss {logs['loss']} at step {state.global_step}, but the raw loss "
+                    f"was NaN/Inf at step(s) {', '.join(map(str, window[:10]))}: logging_nan_inf_filter "
+                    "hides it",
+                    "read gradguard's report (or set logging_nan_inf_filter=False) to see the real loss",
+                    step=state.global_step,
+                )
             )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -190,34 +174,21 @@ class GradGuard(TrainerCallback, ExportableState):
             return {}
         last = guard.last
         out: dict[str, float] = {f"gradguard/grad_norm/{g}": v for g, v in last.group_norm.items()}
-        out["gradguard/nonfinite_loss_steps"] = float(guard.counts["nonfinite_loss_steps"])
+        out["gradguard/nonfinite_loss_steps"] = float(guard.journal.counts["nonfinite_loss_steps"])
         supervised = [n for n in last.supervised if n is not None]
         if supervised:
             out["gradguard/supervised_tokens"] = float(sum(supervised))
         if last.loss is not None:
             out["gradguard/raw_loss"] = last.loss
-        if self.log_module_norms and guard._module_norms is not None and guard.probes is not None:
-            for name, v in zip(guard.probes.modules, guard._module_norms.tolist()):
+        if self.log_module_norms:
+            for name, v in guard.module_norms().items():
                 out[f"gradguard/module_grad_norm/{name}"] = v
         return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
 
     # -- checkpoints (transformers' ExportableState) -----------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
-            "args": {
-                "expect_trainable": self.expect_trainable,
-                "on_fault": self.on_fault,
-                "report_dir": self.report_dir,
-                "groups": self.groups,
-                "thresholds": self.thresholds,
-                "strict": self.strict,
-                "console": self.console,
-                "log_module_norms": self.log_module_norms,
-                "localize": self.localize,
-                "trace": self.trace,
-            },
-            "attributes": {"_resume": self._guard_state()},
-        }
+        args = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"args": plain(args), "attributes": {"_resume": self._guard_state()}}
 
     def _guard_state(self) -> dict[str, Any] | None:
         if self.guard is None or self.guard.disabled:
@@ -225,7 +196,7 @@ class GradGuard(TrainerCallback, ExportableState):
         try:
             return self.guard.state_dict()
         except Exception as exc:  # a checkpoint must never fail because of gradguard
-            self.guard._internal_error(exc)
+            self.guard.contain(exc)
             return None
 
     # -- helpers ------------------------------------------------------------------------------------------

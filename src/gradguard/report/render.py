@@ -12,21 +12,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradguard.report.model import Finding, GroupSummary, Report
+from gradguard.report.format import fmt_count
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the model and the audit import this module when they are rendered
     from gradguard.core.audit import Audit
     from gradguard.core.track import RequiresGradChanges
+    from gradguard.report.model import Finding, GroupSummary, Report
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _STATE_STYLE = {"trainable": "green", "adapters": "green", "partial": "yellow", "frozen": "dim"}
 _SPARK = "▁▂▃▄▅▆▇█"
-
-
-def _count(n: int) -> str:
-    from gradguard.core.audit import fmt_count
-
-    return fmt_count(n)
 
 
 def _num(x: Any) -> float:
@@ -75,9 +70,9 @@ def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None 
             g.name,
             g.role,
             Text(g.state, style=_STATE_STYLE.get(g.state, "")),
-            _count(g.params),
-            _count(g.trainable),
-            _count(g.adapter_params) if g.adapter_params else "-",
+            fmt_count(g.params),
+            fmt_count(g.trainable),
+            fmt_count(g.adapter_params) if g.adapter_params else "-",
         ]
         if norms:
             series = norms.get(g.name) or []
@@ -251,8 +246,8 @@ def to_markdown(report: Report) -> str:
             series = [v for v in norms.get(g.name) or [] if v is not None]
             last = f"{_num(series[-1]):.3g}" if series else "-"
             out.append(
-                f"| `{g.name}` | {g.role} | {g.state} | {_count(g.params)} | {_count(g.trainable)} | "
-                f"{_count(g.adapter_params) if g.adapter_params else '-'} | {last} |"
+                f"| `{g.name}` | {g.role} | {g.state} | {fmt_count(g.params)} | {fmt_count(g.trainable)} | "
+                f"{fmt_count(g.adapter_params) if g.adapter_params else '-'} | {last} |"
             )
         out.append("")
     if report.findings:

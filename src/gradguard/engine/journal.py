@@ -1,0 +1,184 @@
+"""The run's record: findings, the fault, the per-step history and counters; the :class:`Report` is built from it.
+
+Bounded over millions of steps: a finding seen again (``on_fault="warn"``) is counted, not stored again; the
+history thins itself out (:class:`~gradguard.engine.history.History`); step lists keep their latest entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradguard.core.audit import optimizer_param_ids, summarize
+from gradguard.core.groups import GroupMap, param_numel
+from gradguard.engine import distributed
+from gradguard.engine.diagnosis import Diagnosis
+from gradguard.engine.history import History
+from gradguard.engine.stats import StepStats
+from gradguard.report.model import Fault, Finding, Report, atomic_write
+
+log = logging.getLogger("gradguard")
+
+
+class Journal:
+    """Everything the guard has seen so far, ready to become a :class:`Report`."""
+
+    def __init__(self, history_size: int = 2048) -> None:
+        self.findings: list[Finding] = []
+        self.repeats: dict[tuple[str, str | None], int] = {}
+        self.fault: Fault | None = None
+        self.poison_let_through = False  # on_fault="warn" let a non-finite update reach the weights
+        # The latest steps only (bounded under on_fault="warn"); the counts cover the whole run.
+        self.skipped_steps: deque[int] = deque(maxlen=1024)
+        self.nonfinite_loss_steps: deque[int] = deque(maxlen=1024)
+        self.counts = {"nonfinite_loss_steps": 0, "skipped_steps": 0}
+        self.history = History(history_size)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=16)  # full-resolution tail for the report
+        self.environment: dict[str, Any] = {}
+
+    def add(self, findings: Iterable[Finding]) -> None:
+        """Record findings; a step's finding seen again for the same group is counted instead."""
+        for f in findings:
+            if f in self.findings:  # the same finding, passed on again (a trend error that became the fault)
+                continue
+            key = (f.code, f.group)
+            if f.step is not None and key in self.repeats:
+                self.repeats[key] += 1  # the same problem again (on_fault="warn"): count, don't grow
+                continue
+            if f.step is not None:
+                self.repeats[key] = 0
+            self.findings.append(f)
+            if f.severity != "info":
+                log.warning("gradguard %s %s: %s", f.code, f.kind, f.message)
+
+    def add_step(self, s: StepStats, *, scaler_skipped: bool = False) -> None:
+        """One step's loss, supervision and group norms into the history and the counters; ``scaler_skipped``:
+        the fp16 GradScaler skips this update (an overflow it handles itself)."""
+        loss = s.loss
+        if loss is not None and not math.isfinite(loss):
+            self.nonfinite_loss_steps.append(s.step)
+            self.counts["nonfinite_loss_steps"] += 1
+        if scaler_skipped:
+            self.skipped_steps.append(s.step)
+            self.counts["skipped_steps"] += 1
+        row = {
+            "loss": loss,
+            "supervised": sum(n for n in s.supervised if n is not None) if s.supervised else None,
+            "norms": dict(s.group_norm),
+        }
+        self.history.add(s.step, row)
+        self.recent.append({"step": s.step, **row})
+
+    def add_fault(self, diagnosis: Diagnosis, step: int, weights_intact: bool) -> Fault:
+        """The run's fault (the first one: under ``on_fault="warn"`` later ones stay findings)."""
+        self.add([diagnosis.finding])
+        if self.fault is None:
+            finding = diagnosis.finding
+            self.fault = Fault(
+                step=step,
+                kind=finding.kind,
+                code=finding.code,
+                message=finding.message,
+                origin=diagnosis.origin,
+                weights_intact=weights_intact,
+                evidence=dict(diagnosis.evidence),
+                localization=dict(diagnosis.localization) if diagnosis.localization is not None else None,
+            )
+        return self.fault
+
+    def report(self, gmap: GroupMap | None, optimizer: Any, *, steps: int, disabled: bool) -> Report:
+        opt_ids = None
+        if optimizer is not None:
+            try:
+                opt_ids = optimizer_param_ids(optimizer)
+            except TypeError:
+                opt_ids = None
+        groups = [summarize(g, opt_ids) for g in gmap] if gmap else []
+        history = self.history.to_dict([g.name for g in groups])
+        history["recent"] = list(self.recent)
+        history["nonfinite_loss_steps"] = list(self.nonfinite_loss_steps)[-100:]
+        history["skipped_steps"] = list(self.skipped_steps)[-100:]
+        history["counts"] = dict(self.counts)
+        history["repeated_findings"] = {f"{c} {g or ''}".strip(): n for (c, g), n in self.repeats.items() if n}
+        return Report(
+            status="fault" if self.fault is not None else "healthy",
+            fault=self.fault,
+            findings=list(self.findings),
+            groups=groups,
+            history=history,
+            environment={**self.environment, "steps": steps, "disabled": disabled},
+        )
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history.state_dict(),
+            "nonfinite_loss_steps": list(self.nonfinite_loss_steps),
+            "skipped_steps": list(self.skipped_steps),
+            "counts": dict(self.counts),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+        self.nonfinite_loss_steps.extend(state.get("nonfinite_loss_steps", []))
+        self.skipped_steps.extend(state.get("skipped_steps", []))
+        self.counts.update(state.get("counts", {}))
+
+
+def write_report(report: Report, folder: Path, guard: Any) -> Path | None:
+    """Save ``report`` into ``folder``; a failure is contained by ``guard``, then the JSON alone is tried again
+    (it is what programs read), with the internal-error finding in it."""
+    try:
+        return report.save(folder)
+    except Exception as exc:
+        guard.contain(exc)
+    try:
+        path = folder / "gradguard-report.json"
+        atomic_write(path, guard.report().to_json())
+        return path
+    except Exception as exc:
+        log.error("gradguard: could not write the report to %s (%s: %s)", folder, type(exc).__name__, exc)
+        return None
+
+
+def print_report(report: Report) -> None:
+    """The summary on stderr (rich)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(report)
+
+
+def environment(model: nn.Module, optimizer: Any, scaler: Any) -> dict[str, Any]:
+    """Versions, device, trainable dtypes and world size, for the report."""
+    dtypes: dict[str, int] = {}
+    device = None
+    for p in model.parameters():
+        if device is None and not p.is_meta:
+            device = p.device
+        if p.requires_grad:
+            key = str(p.dtype).removeprefix("torch.")
+            dtypes[key] = dtypes.get(key, 0) + param_numel(p)
+    env: dict[str, Any] = {
+        "gradguard": __import__("gradguard").__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device or torch.device("cpu")),
+        "trainable_dtypes": dtypes,
+        "fp16_scaler": scaler is not None,
+        "world_size": distributed.world(),
+    }
+    for mod in ("transformers", "peft", "accelerate", "lightning"):
+        if mod in sys.modules:
+            env[mod] = getattr(sys.modules[mod], "__version__", "?")
+    if optimizer is not None:
+        env["optimizer"] = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    return env
