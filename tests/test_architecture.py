@@ -37,7 +37,9 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         for name in names:
             if name.startswith("gradguard"):
@@ -61,7 +63,7 @@ def _graph() -> dict[str, set[str]]:
         runtime, _ = _imports(path)
         targets = {_resolve(n) for n in runtime}
         # A package's __init__ is not an edge of interest (gradguard/__init__ re-exports lazily by name).
-        graph[mod] = {t for t in targets if t and t != mod and not MODULES[t].name == "__init__.py"}
+        graph[mod] = {t for t in targets if t and t != mod and MODULES[t].name != "__init__.py"}
     return graph
 
 
@@ -85,7 +87,7 @@ def test_no_import_cycle() -> None:
         path.append(mod)
         for dep in sorted(graph.get(mod, ())):
             if state.get(dep) == 1:
-                cycles.append(path[path.index(dep) :] + [dep])
+                cycles.append([*path[path.index(dep) :], dep])
             elif dep not in state:
                 visit(dep)
         path.pop()

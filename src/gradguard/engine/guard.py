@@ -231,9 +231,7 @@ class Guard:
         try:
             stats = reader.read(self.step, pending=self._pending is not None)
             diagnosis = self._diagnose(stats)
-            action = policy.decide(
-                diagnosis, self.options.on_fault, world=distributed.world(), agreed=stats.flagged
-            )
+            action = policy.decide(diagnosis, self.options.on_fault, world=distributed.world(), agreed=stats.flagged)
             self._act(action, diagnosis)
         except Exception as exc:
             self.contain(exc)
@@ -380,4 +378,3 @@ class Guard:
         self.step = int(state.get("step", 0))
         self.trends.load_state_dict(state.get("trends", {}))
         self.journal.load_state_dict(state)
-

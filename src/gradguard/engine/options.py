@@ -59,9 +59,7 @@ class Options:
     def check_options(self) -> None:
         """Raise :class:`~gradguard.errors.ConfigurationError` (a ``ValueError``) naming a bad value."""
         if self.on_fault not in ON_FAULT:
-            raise ConfigurationError(
-                f"on_fault must be one of {', '.join(map(repr, ON_FAULT))}, got {self.on_fault!r}"
-            )
+            raise ConfigurationError(f"on_fault must be one of {', '.join(map(repr, ON_FAULT))}, got {self.on_fault!r}")
         if self.trace not in (None, "full"):
             raise ConfigurationError(f"trace must be None or 'full', got {self.trace!r}")
         wanted = self.expect_trainable

@@ -144,4 +144,3 @@ def _wrapped(optimizer: Any | None) -> Iterator[Any]:
     while optimizer is not None and seen < 4:
         yield optimizer
         optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-
