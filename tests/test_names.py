@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import trainer_args
 from peft import LoraConfig, get_peft_model
+from test_reliability_bitwise import validate_report
 from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutput
@@ -26,6 +27,7 @@ from gradguard.core.audit import resolve_intent
 from gradguard.core.track import FrozenByWrapWarning
 from gradguard.errors import ConfigurationError
 from gradguard.report.model import Report
+from gradguard.report.render import to_markdown
 from gradguard.testing.models import (
     FAMILIES,
     IMAGE_TOKEN_ID,
@@ -286,7 +288,9 @@ def _user_script(model: nn.Module, tmp_path: Any, modules_to_save: list[str]) ->
     guard = GradGuard(expect_trainable=["vision_tower", "multi_modal_projector"], console=False)
     dataset = TinyDataset(tiny_llava(), n=16)  # the same samples for both layouts
     Trainer(model=model, args=trainer_args(tmp_path, max_steps=3), train_dataset=dataset, callbacks=[guard]).train()
-    return Report.from_dict(json.loads((tmp_path / "gradguard-report.json").read_text()))
+    data = json.loads((tmp_path / "gradguard-report.json").read_text())
+    validate_report(data)  # the alias field is in the published schema
+    return Report.from_dict(data)
 
 
 @pytest.mark.parametrize("layout", ["v4", "v5"])
@@ -306,6 +310,8 @@ def test_the_same_script_runs_on_transformers_4_and_5_layouts(layout: str, tmp_p
         else {}
     )
     assert all(report.history["grad_norm"][f"{prefix}{n}"] for n in ("vision_tower", "multi_modal_projector"))
+    if prefix:
+        assert "| `model.vision_tower` (`vision_tower`) | vision |" in to_markdown(report)
 
 
 @pytest.mark.parametrize("layout", ["v4", "v5"])
@@ -448,6 +454,31 @@ def test_a_hand_written_vlm_nested_the_transformers_5_way() -> None:
         "model.decoder.logits": "head",  # no name hint: the logits' width says it
     }
     assert [g.name for g in build_groups(outer).match("aligner")] == ["model.aligner"]
+
+
+# Where only a name can tell: a connector nested inside the vision tower (Qwen2-VL's merger) and a bare
+# parameter (BLIP-2's query_tokens).
+NAME_ONLY = {"qwen2_vl": {"model.visual.merger"}, "qwen2_5_vl": {"model.visual.merger"}, "blip2": {"query_tokens"}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_structure_alone_finds_every_familys_components(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The families' real module graphs as if nobody had told gradguard their names: no attribute-name or
+    # class-name hints. The image convolution, the token embedding, the logits' width and the position
+    # between them must give each family's reference roles.
+    import gradguard.core.groups as groups
+
+    monkeypatch.setattr(groups, "_role_hint", lambda segment: None)
+    monkeypatch.setattr(groups, "_CLASS_HINTS", ())
+    fam = FAMILIES[family]
+    gmap = build_groups(fam.build())
+    skip = NAME_ONLY.get(family, set())
+    for info in gmap.by_param.values():
+        ref = group_of(info.path, fam.roles)
+        assert ref is not None
+        if ref in skip:
+            continue
+        assert gmap.groups[info.group].role == fam.roles[ref], (info.path, info.group)
 
 
 def test_a_top_level_linear_is_not_a_head_unless_it_produces_the_logits() -> None:

@@ -182,9 +182,11 @@ def audit_requires_grad(
 ) -> Audit:
     r"""Check what will train, per module group, before training starts.
 
-    ``expect_trainable`` lists group names (``"vpm"``), roles (``"vision"``, ``"connector"``) or globs
-    that must have trainable parameters; ``optimizer`` is checked for coverage of the trainable
-    parameters; ``groups`` overrides group detection with ``{"glob over param paths": "group[:role]"}``.
+    ``expect_trainable`` lists what must have trainable parameters: group names (``"vpm"``,
+    ``"model.vision_tower"``), their short names (``"vision_tower"``, on transformers 4.x and 5.x layouts
+    alike), roles (``"vision"``, ``"connector"``), module paths or globs, resolved by the one rule of
+    :meth:`~gradguard.core.groups.GroupMap.match` (docs/groups.md); ``optimizer`` is checked for coverage
+    of the trainable parameters; ``groups`` overrides group detection with ``{"pattern": "group[:role]"}``.
 
     >>> from gradguard.testing.models import tiny_minicpmv2
     >>> from peft import LoraConfig, get_peft_model

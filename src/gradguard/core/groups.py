@@ -459,9 +459,10 @@ class _Structure:
     vocab: int | None  # the token embedding's num_embeddings: the logits' width
     width: int | None  # the token embedding's embedding_dim: what a connector maps into
     logits: list[str]  # Linear modules of vocabulary width: the logits producers
+    linears: list[str]  # every Linear, in registration order
 
     @classmethod
-    def scan(cls, model: nn.Module, raw_modules: Mapping[str, nn.Module]) -> tuple[_Structure, dict[int, str]]:
+    def scan(cls, model: nn.Module, raw_modules: Mapping[str, nn.Module]) -> _Structure:
         modules: dict[str, nn.Module] = {}
         children: dict[str, list[str]] = {}
         where: dict[int, str] = {}  # id(module) -> normalised path (first seen)
@@ -471,8 +472,8 @@ class _Structure:
         for raw, mod in raw_modules.items():
             if raw and any(_ADAPTER_SEGMENT.match(s) for s in raw.split(".")):
                 continue
-            if raw and not normalize_name(raw + ".x").removesuffix("x"):
-                continue  # a wrapper around the whole model (PEFT's `base_model.model`, DDP's `module`)
+            if raw.count(".") < 4 and _wraps_the_model(raw):
+                continue
             path = normalize_name(raw)
             if path not in modules:
                 modules[path] = mod
@@ -499,8 +500,12 @@ class _Structure:
             for p in _prefixes(token_path):
                 anchors.setdefault(p, set()).add("language")
         logits = [p for p, lin in linears if vocab is not None and lin.out_features == vocab]
-        struct = cls(modules, children, anchors, token_path, vocab, width, logits)
-        return struct, where
+        # The model's own word for its logits producer (a head wider than the vocabulary it embeds, as
+        # Mllama's, whose embedding has 8 extra rows for image tokens).
+        output = _getter(model, "get_output_embeddings")
+        if output is not None and where.get(id(output)) and where[id(output)] not in logits:
+            logits.append(where[id(output)])
+        return cls(modules, children, anchors, token_path, vocab, width, logits, [p for p, _ in linears])
 
     def anchor(self, path: str) -> set[Role]:
         return self.anchors.get(path, set())
@@ -514,6 +519,11 @@ class _Structure:
             if roles:
                 return next(iter(roles)) if len(roles) == 1 else None
         return None
+
+    def ends_in_logits(self, path: str) -> bool:
+        """Whether the last Linear of a module (its output, for a feed-forward stack) produces the logits."""
+        last = next((p for p in reversed(self.linears) if _under(p, path)), None)
+        return last is not None and last in self.logits
 
     def has_params(self, path: str) -> bool:
         return any(True for _ in self.modules[path].parameters())
@@ -531,6 +541,23 @@ class _Structure:
         return False
 
 
+def _wraps_the_model(raw: str) -> bool:
+    """A wrapper around the whole model (PEFT's `base_model` and `base_model.model`, DDP's `module`)."""
+    return normalize_name(raw + ".x") == "x" or normalize_name(raw + ".model.x") == "x"
+
+
+def _getter(model: nn.Module, name: str) -> nn.Module | None:
+    """A module from a transformers-style getter (``get_input_embeddings``), or None where there is none."""
+    getter = getattr(model, name, None)
+    if not callable(getter):
+        return None
+    try:
+        found = getter()
+    except Exception:  # a custom model's getter that does not apply: structure decides alone
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
 def _token_embedding(
     model: nn.Module,
     embeddings: list[tuple[str, nn.Embedding]],
@@ -540,21 +567,13 @@ def _token_embedding(
     """The embedding of the token ids: the model's own ``get_input_embeddings()`` when it has one,
     else the largest ``nn.Embedding`` that is not a vision position embedding (one next to a patch
     convolution)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        try:
-            found = getter()
-        except Exception:  # a custom model's getter that does not apply: fall back to structure
-            found = None
-        if isinstance(found, nn.Module):
-            emb = (
-                found
-                if isinstance(found, nn.Embedding)
-                else next((m for m in found.modules() if isinstance(m, nn.Embedding)), None)
-            )
-            path = where.get(id(emb)) if emb is not None else None
-            if emb is not None and path is not None:
-                return path, emb
+    found = _getter(model, "get_input_embeddings")
+    if found is not None:
+        emb = found if isinstance(found, nn.Embedding) else None
+        emb = emb or next((m for m in found.modules() if isinstance(m, nn.Embedding)), None)
+        path = where.get(id(emb)) if emb is not None else None
+        if emb is not None and path is not None:
+            return path, emb
     image_parents = {p.rsplit(".", 1)[0] if "." in p else "" for p in images}
     best: tuple[str, nn.Embedding] | None = None
     for path, emb in embeddings:
@@ -596,7 +615,7 @@ def _structural_units(struct: _Structure, candidates: Mapping[str, Role]) -> dic
     Walks down from the root: a child that holds both a vision and a language part (by structure or by
     name) is a container and is split into its children; any other child with parameters is a unit.
     """
-    present: dict[str, set[Role]] = {p: {r for r in roles} for p, roles in struct.anchors.items()}
+    present: dict[str, set[Role]] = {p: set(roles) for p, roles in struct.anchors.items()}
     for path, role in candidates.items():
         if role in ("vision", "language"):
             for p in _prefixes(path):
@@ -634,15 +653,20 @@ def _anchor_role(roles: set[Role]) -> Role | None:
 def _unit_role(struct: _Structure, path: str, index: int, level: list[Role | None]) -> Role:
     """Role of a part with neither the image input nor the token embedding below it."""
     module = struct.modules[path]
-    if any(_under(p, path) for p in struct.logits):
+    if path in struct.logits:
         return "head"  # it produces the logits (an unnamed top-level Linear is a head only then)
+    multimodal = "vision" in level and "language" in level
+    if multimodal:
+        first, last = sorted((level.index("vision"), level.index("language")))
+        if first < index < last:
+            return "connector"  # between the vision and the language part, whatever it is called
+    if struct.ends_in_logits(path):
+        return "head"  # a head block (norm, dense, then the logits Linear)
     hint = _class_hint(module)
     if hint is not None:
         return hint
-    if "vision" in level and "language" in level:
-        vision, language = level.index("vision"), level.index("language")
-        if min(vision, language) < index < max(vision, language) or struct.maps_into_language(path):
-            return "connector"  # between the vision and the language part, whatever it is called
+    if multimodal and struct.maps_into_language(path):
+        return "connector"  # next to the vision and the language part, it maps into the language width
     return _class_role(module)
 
 
@@ -670,7 +694,7 @@ def build_groups(model: nn.Module, overrides: Mapping[str, str] | None = None) -
             "(for a Trainer, `trainer.model`)"
         )
     raw_modules = dict(model.named_modules(remove_duplicate=False))
-    struct, _ = _Structure.scan(model, raw_modules)
+    struct = _Structure.scan(model, raw_modules)
     candidates = _structural_units(struct, _name_candidates(struct))
     norm_modules = struct.modules
 
