@@ -535,7 +535,13 @@ def test_a_groups_pattern_that_matches_gives_its_role() -> None:
 def test_groups_patterns_use_the_same_rule(layout: str) -> None:
     model = _layout(layout)
     # A module's short name, or a glob over a path's last segments: the same on both layouts.
-    for pattern in ("vision_tower", "vision_tower.*", "base_model.model.vision_tower"):
+    for pattern in (
+        "vision_tower",
+        "vision_tower.*",
+        "model.vision_tower",
+        "model.vision_tower.*",
+        "base_model.model.vision_tower",
+    ):
         gmap = build_groups(model, {pattern: "vit:vision", "multi_modal_projector": "bridge"})
         assert {g.name: g.role for g in gmap}["vit"] == "vision"
         assert gmap.groups["bridge"].role == "connector"  # no role given: detection's

@@ -483,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "target", metavar="TARGET", help="a save_pretrained directory, or module:callable returning a model"
     )
-    audit.add_argument("--expect", metavar="A,B", help="groups or roles that must train, e.g. vpm,resampler or vision")
+    audit.add_argument(
+        "--expect",
+        metavar="A,B",
+        help="groups (full or short names), roles or globs that must train, e.g. vision_tower,resampler or vision",
+    )
     audit.add_argument(
         "--unfreeze", metavar="A,B", help="requires_grad_(True) on these module paths before LoRA (tune_vision=True)"
     )

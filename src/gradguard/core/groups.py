@@ -751,28 +751,36 @@ def _compile_overrides(overrides: Mapping[str, str] | None, struct: _Structure) 
             )
         name, role = _parse_override(target)
         norm = normalize_name(pattern)
-        if is_glob(norm):
-            regex = _suffix_regex(norm)
-        else:
-            # A name: the module (or parameter) it names by the rule of GroupMap.match, and all below it.
-            path = _resolve_module(pattern, norm, struct)
-            regex = re.compile(re.escape(path) + r"(?:\..*)?", re.S) if path is not None else re.compile(r"(?!)")
+        regex, found = _override_regex(pattern, norm, struct)
+        # As in GroupMap.match: a pattern written for transformers 5's `model.` also fits 4.x's top level.
+        if not found and norm.startswith(_BASE_SEGMENT + "."):
+            retry, found = _override_regex(pattern, norm[len(_BASE_SEGMENT) + 1 :], struct)
+            regex = retry if found else regex
         out.append(_Override(pattern, regex, name, role))
     return out
 
 
-def _resolve_module(pattern: str, norm: str, struct: _Structure) -> str | None:
-    """The module path a non-glob ``groups=`` pattern names: exact, else the one dotted suffix match."""
-    if norm in struct.modules:
-        return norm
-    hits = [p for p in struct.modules if p.endswith("." + norm)]
-    if len(hits) > 1:
-        shown = ", ".join(hits[:6]) + (f" and {len(hits) - 6} more" if len(hits) > 6 else "")
-        raise ConfigurationError(
-            f"groups= pattern {pattern!r} is ambiguous: it names {len(hits)} modules ({shown}). Write more of "
-            f"the path (e.g. {hits[0]!r}), or a glob (e.g. '*{norm}.*') to take them all."
-        )
-    return hits[0] if hits else norm  # not a module: perhaps a parameter path (``query_tokens``)
+def _override_regex(pattern: str, norm: str, struct: _Structure) -> tuple[re.Pattern[str], bool]:
+    """The regex a ``groups=`` pattern matches parameter paths with, and whether it names any module.
+
+    A glob matches a path or any dotted suffix of it; a name is the module it names by the rule of
+    GroupMap.match (its exact path, else the one module whose path ends with it) and all below it, or
+    else a parameter's exact path (``query_tokens``).
+    """
+    if is_glob(norm):
+        regex = _suffix_regex(norm)
+        return regex, any(regex.match(p) for p in struct.modules if p)
+    path = norm if norm in struct.modules else None
+    if path is None:
+        hits = [p for p in struct.modules if p.endswith("." + norm)]
+        if len(hits) > 1:
+            shown = ", ".join(hits[:6]) + (f" and {len(hits) - 6} more" if len(hits) > 6 else "")
+            raise ConfigurationError(
+                f"groups= pattern {pattern!r} is ambiguous: it names {len(hits)} modules ({shown}). Write more "
+                f"of the path (e.g. {hits[0]!r}), or a glob (e.g. '*{norm}.*') to take them all."
+            )
+        path = hits[0] if hits else None
+    return re.compile(re.escape(path or norm) + r"(?:\..*)?", re.S), path is not None
 
 
 def _unused_override_message(pattern: str, struct: _Structure, infos: Iterable[ParamInfo]) -> str:
