@@ -320,7 +320,7 @@ class GroupMap:
             problem = f"is a role, but no group of this model has the role {selector!r}"
         else:
             problem = "matches no module group"
-        close = difflib.get_close_matches(normalize_name(selector), self.short_names(), n=3)
+        close = difflib.get_close_matches(normalize_name(selector), self._short_names(), n=3)
         suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         groups = ", ".join(f"{g.name} ({g.role})" for g in self) or "(none)"
         raise ConfigurationError(
@@ -330,12 +330,12 @@ class GroupMap:
             "groups={'pattern*': 'name'}."
         )
 
-    def short_names(self) -> list[str]:
+    def _short_names(self) -> list[str]:
         """Every name that selects a group on its own: group names, their dotted suffixes, roles.
 
         >>> from torch import nn
         >>> gmap = build_groups(nn.ModuleDict({"model": nn.ModuleDict({"vision_tower": nn.Conv2d(3, 4, 2)})}))
-        >>> gmap.short_names()
+        >>> gmap._short_names()
         ['model.vision_tower', 'vision_tower', 'vision', 'connector', 'language', 'head', 'other']
         """
         names: dict[str, None] = {}
