@@ -247,7 +247,10 @@ def _unfreeze(model: Any, entries: Sequence[str]) -> list[str]:
             module = model.get_submodule(entry)
         except AttributeError:
             gmap = gmap or build_groups(model)
-            hits = gmap.match(entry)
+            try:
+                hits = gmap.match(entry, what="--unfreeze entry")
+            except ValueError as exc:  # a name that is ambiguous in this model
+                raise UsageError(str(exc)) from None
             if not hits:
                 raise UsageError(
                     f"--unfreeze {entry!r} is neither a module path nor a group or role of this model; groups: "
@@ -309,6 +312,21 @@ def _apply_lora(model: Any, args: argparse.Namespace, expect: list[str] | None) 
     return model, changes, _gradguard_warnings(caught)
 
 
+def _check_expect(model: Any, expect: list[str], groups: dict[str, str] | None) -> None:
+    """Resolve ``--expect`` before LoRA wraps the model: a bad name is a usage error, not a LoRA failure.
+
+    The names resolve by the one rule of ``GroupMap.match`` (a group, its short name, a role, a glob, a
+    module path), on the bare model; wrapping does not change group names.
+    """
+    from gradguard.core.audit import resolve_intent
+    from gradguard.core.groups import build_groups
+
+    try:
+        resolve_intent(build_groups(model, groups), expect, what="--expect entry")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gradguard.core.audit import audit_requires_grad
     from gradguard.report.model import _jsonable
@@ -322,6 +340,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with _quiet():
         model, how = load_target(args.target, args.trust_remote_code)
     unfrozen = _unfreeze(model, _split(args.unfreeze)) if args.unfreeze else []
+    if expect:
+        _check_expect(model, expect, groups)
     changes: Any = None
     notes: list[str] = []
     if args.lora_target:
@@ -463,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "target", metavar="TARGET", help="a save_pretrained directory, or module:callable returning a model"
     )
-    audit.add_argument("--expect", metavar="A,B", help="groups or roles that must train, e.g. vpm,resampler or vision")
+    audit.add_argument(
+        "--expect",
+        metavar="A,B",
+        help="groups (full or short names), roles or globs that must train, e.g. vision_tower,resampler or vision",
+    )
     audit.add_argument(
         "--unfreeze", metavar="A,B", help="requires_grad_(True) on these module paths before LoRA (tune_vision=True)"
     )

@@ -6,7 +6,6 @@ parameter data (so a 70B model on the meta device is audited in milliseconds).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradguard.core.groups import ROLES, Group, GroupMap, build_groups, param_numel
+from gradguard.core.groups import ROLES, Group, GroupMap, build_groups, is_glob, param_numel
 from gradguard.errors import ConfigurationError
 from gradguard.report.format import fmt_count
 from gradguard.report.model import Fault, Finding, GroupSummary, Origin, Report
@@ -99,6 +98,7 @@ def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSumma
         state=state,
         dtypes=sorted({str(p.param.dtype).removeprefix("torch.") for p in group.params}),
         in_optimizer=in_opt,
+        alias=group.alias,
     )
 
 
@@ -122,8 +122,20 @@ def optimizer_param_ids(optimizer: Any) -> set[int]:
     return ids
 
 
-def resolve_intent(gmap: GroupMap, expect_trainable: str | Iterable[str] | None) -> dict[str, list[Group]]:
-    """Map each ``expect_trainable`` entry to the groups it selects; unknown entries are a ValueError."""
+def resolve_intent(
+    gmap: GroupMap, expect_trainable: str | Iterable[str] | None, what: str = "expect_trainable entry"
+) -> dict[str, list[Group]]:
+    """Map each ``expect_trainable`` entry to the groups it selects, by the rule of :meth:`GroupMap.match`.
+
+    An entry that matches nothing, or names different groups in different places, is a
+    :class:`~gradguard.errors.ConfigurationError` listing the candidates.
+
+    >>> from gradguard.core.groups import build_groups
+    >>> from gradguard.testing.models import tiny_llava
+    >>> intent = resolve_intent(build_groups(tiny_llava()), ["vision_tower", "connector"])
+    >>> {sel: [g.name for g in hits] for sel, hits in intent.items()}
+    {'vision_tower': ['model.vision_tower'], 'connector': ['model.multi_modal_projector']}
+    """
     if expect_trainable is None:
         return {}
     if isinstance(expect_trainable, str):
@@ -137,18 +149,18 @@ def resolve_intent(gmap: GroupMap, expect_trainable: str | Iterable[str] | None)
     for sel in expect_trainable:
         if not isinstance(sel, str) or not sel:
             raise ConfigurationError(f"expect_trainable entries must be non-empty strings, got {sel!r}")
-        hits = gmap.match(sel)
-        if not hits:
-            names = list(gmap.groups)
-            close = difflib.get_close_matches(sel, names + list(ROLES), n=3)
-            suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigurationError(
-                f"expect_trainable entry {sel!r} matches no module group.{suggestion} "
-                f"Groups in this model: {', '.join(names) or '(none)'}; roles: {', '.join(ROLES)}. "
-                "Use a group name, a role, or a glob; or define groups with groups={'pattern*': 'name'}."
-            )
-        resolved[sel] = hits
+        resolved[sel] = gmap.resolve(sel, what)
     return resolved
+
+
+def _note_aliases(intent: Mapping[str, list[Group]]) -> None:
+    """Remember the short name a user wrote for a group (``vision_tower`` for ``model.vision_tower``).
+
+    Only a name that picked out one group is an alias: a role or a glob says what, not which.
+    """
+    for sel, hits in intent.items():
+        if len(hits) == 1 and sel != hits[0].name and sel not in ROLES and not is_glob(sel):
+            hits[0].alias = hits[0].alias or sel
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -163,9 +175,11 @@ def audit_requires_grad(
 ) -> Audit:
     r"""Check what will train, per module group, before training starts.
 
-    ``expect_trainable`` lists group names (``"vpm"``), roles (``"vision"``, ``"connector"``) or globs
-    that must have trainable parameters; ``optimizer`` is checked for coverage of the trainable
-    parameters; ``groups`` overrides group detection with ``{"glob over param paths": "group[:role]"}``.
+    ``expect_trainable`` lists what must have trainable parameters: group names (``"vpm"``,
+    ``"model.vision_tower"``), their short names (``"vision_tower"``, on transformers 4.x and 5.x layouts
+    alike), roles (``"vision"``, ``"connector"``), module paths or globs, resolved by the one rule of
+    :meth:`~gradguard.core.groups.GroupMap.match` (docs/groups.md); ``optimizer`` is checked for coverage
+    of the trainable parameters; ``groups`` overrides group detection with ``{"pattern": "group[:role]"}``.
 
     >>> from gradguard.testing.models import tiny_minicpmv2
     >>> from peft import LoraConfig, get_peft_model
@@ -185,6 +199,7 @@ def audit_requires_grad(
         )
     gmap = build_groups(model, groups)
     intent = resolve_intent(gmap, expect_trainable)
+    _note_aliases(intent)
     opt_ids = optimizer_param_ids(optimizer) if optimizer is not None else None
     summaries = {g.name: summarize(g, opt_ids) for g in gmap}
     findings = [

@@ -78,7 +78,7 @@ class RequiresGradChanges:
 
 @contextmanager
 def track_requires_grad(
-    model: nn.Module, expect_trainable: Sequence[str] | None = None
+    model: nn.Module, expect_trainable: str | Sequence[str] | None = None
 ) -> Iterator[RequiresGradChanges]:
     """Report, by group, what the wrapped block froze or unfroze.
 
@@ -102,6 +102,12 @@ def track_requires_grad(
     before = {id(p): p.requires_grad for p in model.parameters()}
     before_groups = build_groups(model)
     was_trainable = {g.name: g.trainable for g in before_groups}
+    # Resolved before the block runs (a bad name fails before the wrapping call, not after it), by the
+    # rule of every entry point; wrapping does not change group names (wrapper segments are ignored).
+    expected: set[str] = set()
+    wanted = [expect_trainable] if isinstance(expect_trainable, str) else expect_trainable or []
+    for sel in wanted:
+        expected |= {g.name for g in before_groups.resolve(sel, "expect_trainable entry")}
     changes = RequiresGradChanges()
     yield changes
     after = build_groups(model)
@@ -122,10 +128,6 @@ def track_requires_grad(
             elif not old and p.requires_grad:
                 c.unfrozen += p.numel()
     deliberate = any(not t for t in was_trainable.values())  # something was frozen on purpose before
-    expected = set()
-    if expect_trainable:
-        for sel in expect_trainable:
-            expected |= {g.name for g in after.match(sel)}
     for c in changes.groups.values():
         if c.frozen and c.was_trainable and not c.now_trainable and (deliberate or c.group in expected):
             changes.suspicious.append(c.group)

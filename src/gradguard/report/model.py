@@ -91,6 +91,7 @@ class GroupSummary:
     state: Literal["trainable", "frozen", "partial", "adapters"]
     dtypes: list[str] = field(default_factory=list)
     in_optimizer: int | None = None  # trainable numel found in the optimizer, when one was given
+    alias: str | None = None  # the short name the user wrote for it (expect_trainable), where it differs
 
 
 @dataclass

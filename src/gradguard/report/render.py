@@ -53,6 +53,12 @@ def sparkline(values: Sequence[Any], width: int = 24) -> str:
     return "".join(out)
 
 
+def _group_label(g: GroupSummary, quote: str = "") -> str:
+    """The group's full path, and the short name the user wrote for it where that differs."""
+    name = f"{quote}{g.name}{quote}"
+    return f"{name} ({quote}{g.alias}{quote})" if getattr(g, "alias", None) else name
+
+
 def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None = None) -> Table:
     table = Table(title="module groups", title_justify="left", expand=False)
     table.add_column("group")
@@ -67,7 +73,7 @@ def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None 
         table.add_column("last", justify="right")
     for g in groups:
         row: list[Any] = [
-            g.name,
+            _group_label(g),
             g.role,
             Text(g.state, style=_STATE_STYLE.get(g.state, "")),
             fmt_count(g.params),
@@ -246,7 +252,7 @@ def to_markdown(report: Report) -> str:
             series = [v for v in norms.get(g.name) or [] if v is not None]
             last = f"{_num(series[-1]):.3g}" if series else "-"
             out.append(
-                f"| `{g.name}` | {g.role} | {g.state} | {fmt_count(g.params)} | {fmt_count(g.trainable)} | "
+                f"| {_group_label(g, '`')} | {g.role} | {g.state} | {fmt_count(g.params)} | {fmt_count(g.trainable)} | "
                 f"{fmt_count(g.adapter_params) if g.adapter_params else '-'} | {last} |"
             )
         out.append("")

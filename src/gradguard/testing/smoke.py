@@ -59,7 +59,8 @@ def smoke_test(
             as ``model(batch)``. Tensors are moved to the model's device.
         steps: optimizer steps to run (5 lets the dead-gradient detector, which waits 3 steps, speak).
         optimizer: your optimizer (its state is restored too); default ``AdamW(trainable params, lr)``.
-        expect_trainable: group names or roles that must train (``["vision", "connector"]``).
+        expect_trainable: group names, their short names or roles that must train (``["vision_tower",
+            "connector"]``; the rule is ``GroupMap.match``'s, see docs/groups.md).
         loss_fn: ``loss_fn(output, batch) -> loss`` when the model's output has no ``.loss``.
         max_grad_norm: clip as your training does (``None``: no clipping).
         restore: put the weights, buffers, optimizer state, train/eval mode and RNG state back afterwards.
