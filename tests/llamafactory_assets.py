@@ -59,7 +59,7 @@ def build_tokenizer() -> Any:
     )
 
 
-def build_model(vocab_size: int, image_token_id: int, pad_token_id: int, seed: int = 0) -> Any:
+def build_model(vocab_size: int, image_token_id: int, special_ids: dict[str, int], seed: int = 0) -> Any:
     """A tiny LLaVA (CLIP 32x32/8 -> 16 image tokens; Llama 64 wide, 2 layers), the sizes of
     ``gradguard.testing.models.tiny_llava`` (not imported here: that module needs transformers >= 5.2x for
     its MiniCPM-V 4.6 class, and LLaMA-Factory 0.9.5 pins transformers <= 5.6)."""
@@ -85,13 +85,13 @@ def build_model(vocab_size: int, image_token_id: int, pad_token_id: int, seed: i
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=256,
-            pad_token_id=pad_token_id,
+            **special_ids,
         ),
         image_token_index=image_token_id,
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        pad_token_id=pad_token_id,
+        pad_token_id=special_ids["pad_token_id"],
     )
     return LlavaForConditionalGeneration(config)
 
@@ -114,7 +114,8 @@ def build_model_dir(root: Path) -> Path:
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
     )
-    model = build_model(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id)
+    special_ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    model = build_model(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), special_ids)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)

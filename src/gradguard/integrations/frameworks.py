@@ -133,29 +133,37 @@ def find_trainer(handler_or_frame: Any = None, *, callback: Any = None, max_dept
     >>> find_trainer() is None   # not inside a trainer
     True
     """
-    frame: types.FrameType | None = None
+    start: types.FrameType | None = None
     try:
         handler = None
         if isinstance(handler_or_frame, types.FrameType):
-            frame = handler_or_frame
+            start = handler_or_frame
         else:
             handler = handler_or_frame
             here = inspect.currentframe()
-            frame = here.f_back if here is not None else None
+            start = here.f_back if here is not None else None
             del here
-        depth = 0
-        while frame is not None and depth < max_depth:
-            owner = _frame_self(frame)
-            if owner is not None and _owns(owner, handler, callback):
-                return owner
-            frame = frame.f_back
-            depth += 1
-        return None
+        return _walk_stack(start, lambda owner: _owns(owner, handler, callback), max_depth)
     except Exception as exc:  # introspection must never break training
         log.debug("gradguard: find_trainer failed (%s: %s)", type(exc).__name__, exc)
         return None
     finally:
-        del frame  # frames hold their locals: do not keep the stack alive
+        del start  # frames hold their locals: do not keep the stack alive
+
+
+def _walk_stack(frame: types.FrameType | None, accept: Callable[[Any], bool], max_depth: int) -> Any | None:
+    """The first ``self`` of a method frame, from ``frame`` outwards, that ``accept`` takes."""
+    try:
+        depth = 0
+        while frame is not None and depth < max_depth:
+            owner = _frame_self(frame)
+            if owner is not None and accept(owner):
+                return owner
+            frame = frame.f_back
+            depth += 1
+        return None
+    finally:
+        del frame
 
 
 def _frame_self(frame: types.FrameType) -> Any | None:
@@ -341,21 +349,38 @@ def _llamafactory_hint(fw: Framework, role: str, frozen: bool, group: str | None
 
 # ms-swift -------------------------------------------------------------------------------------------------
 
-_SWIFT_KEYS = ("train_type", "freeze_vit", "freeze_aligner", "freeze_llm", "target_modules", "modules_to_save")
+_SWIFT_KEYS = (
+    "tuner_type",  # ms-swift 4.x
+    "train_type",  # ms-swift 3.x
+    "freeze_vit",
+    "freeze_aligner",
+    "freeze_llm",
+    "target_modules",
+    "modules_to_save",
+)
 _SWIFT_SWITCH = {"vision": "freeze_vit", "connector": "freeze_aligner", "language": "freeze_llm"}
 
 
 def _detect_swift(trainer: Any, args: Any) -> Framework | None:
-    swift_args = None
-    # ms-swift's switches live on its own argument classes; the trainer's TrainingArguments may carry them
-    # (newer releases) or not, so look at both the args and what the trainer keeps.
-    for candidate in (args, getattr(trainer, "args", None) if trainer is not None else None):
-        if _has_any(candidate, _SWIFT_SWITCH.values()):
-            swift_args = candidate
-            break
     if not (_from_package(trainer, "swift") or _from_package(args, "swift")):
         return None
-    return Framework("ms-swift", "ms-swift", _read(swift_args, _SWIFT_KEYS), _swift_hint)
+    switches = tuple(_SWIFT_SWITCH.values())
+    # ms-swift 4.x builds the trainer's TrainingArguments from its SftArguments but keeps only the fields the
+    # TrainingArguments class declares: freeze_vit / freeze_aligner / freeze_llm stay on the SftArguments, held
+    # by the pipeline (SwiftSft.args), whose run() -> train(trainer) frames are on the stack below the trainer.
+    source = next((c for c in (args, getattr(trainer, "args", None)) if _has_any(c, switches)), None)
+    if source is None:
+        here = inspect.currentframe()
+        try:
+            owner = _walk_stack(
+                here, lambda o: _from_package(o, "swift") and _has_any(getattr(o, "args", None), switches), 96
+            )
+        finally:
+            del here
+        source = getattr(owner, "args", None) if owner is not None else None
+    settings = _read(args, ("tuner_type", "train_type"))
+    settings.update(_read(source, _SWIFT_KEYS))
+    return Framework("ms-swift", "ms-swift", settings, _swift_hint)
 
 
 def _cli(value: bool) -> str:
@@ -373,9 +398,10 @@ def _swift_hint(fw: Framework, role: str, frozen: bool, group: str | None) -> st
     if frozen and s.get(key) is False:
         # The switch is already off, so something else froze the group: under LoRA, only the modules matched
         # by --target_modules get adapters.
+        tuner = s.get("tuner_type") or s.get("train_type") or "lora"
         hint = (
-            f"{fw.title}: `--{key}` is already false: with --train_type {s.get('train_type', 'lora')}, check "
-            f"that `--target_modules` (here {s.get('target_modules')!r}) reaches it (`all-linear`), or pass "
+            f"{fw.title}: `--{key}` is already false: with --tuner_type {tuner}, check that `--target_modules` "
+            f"(here {s.get('target_modules')!r}) reaches it (`all-linear`), or pass "
             f"`--modules_to_save {_leaf(group, key.removeprefix('freeze_'))}`"
         )
     return hint
