@@ -1,6 +1,6 @@
 """Real LLaMA-Factory SFT jobs (``llamafactory.train.tuner.run_exp(args, callbacks=[GradGuard(...)])``) on a tiny LLaVA.
 
-Model, tokenizer, processor, images and dataset are built locally (``tests/llamafactory_assets.py``); LoRA unless
+Model, tokenizer, processor, images and dataset are built locally (``tests/tiny_llava_assets.py``); LoRA unless
 stated. LLaMA-Factory is not part of the default install (it pins its own transformers/peft/trl): these tests are
 skipped there. ``./scripts/llamafactory_env.sh`` builds a throwaway venv and runs them.
 
@@ -23,7 +23,7 @@ pytest.importorskip(
 )
 
 from framework_wiring import needs_name_resolution, patch_framework_hints
-from llamafactory_assets import build_dataset_dir, build_model_dir, sft_args
+from tiny_llava_assets import build_dataset_dir, build_model_dir, sft_args
 from transformers import TrainerCallback
 
 from gradguard import GradGuard

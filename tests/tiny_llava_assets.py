@@ -1,7 +1,7 @@
-"""A tiny LLaVA, with its tokenizer, processor and an image+text SFT dataset, laid out the way LLaMA-Factory loads them.
+"""A tiny LLaVA, with its tokenizer, processor and an image+text SFT dataset, for real fine-tuning frameworks.
 
-Everything is built here, offline: no hub download. Used by ``tests/test_llamafactory.py`` (and by the recipe in
-``docs/frameworks/llamafactory.md``, which was run through that test).
+Everything is built here, offline: no hub download. Used by ``tests/test_llamafactory.py`` and
+``tests/test_msswift.py`` (and so by the recipes in ``docs/frameworks/``, which were run through those tests).
 
 What ``llamafactory.train.tuner.run_exp`` reads (llamafactory 0.9.5, ``model/loader.py``, ``data/mm_plugin.py``):
 
@@ -180,6 +180,48 @@ def sft_args(model_dir: Path, data_dir: Path, output_dir: Path, **overrides: Any
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+    args.update(overrides)
+    return args
+
+
+def swift_dataset(root: Path, data_dir: Path) -> Path:
+    """The same samples as ``build_dataset_dir`` as ms-swift's JSONL (``messages`` + absolute ``images`` paths)."""
+    rows = json.loads((data_dir / "tiny_mm.json").read_text())
+    out = root / "train.jsonl"
+    with out.open("w") as f:
+        for row in rows:
+            if "images" in row:
+                row["images"] = [str(data_dir / p) for p in row["images"]]
+            f.write(json.dumps(row) + "\n")
+    return out
+
+
+def swift_args(model_dir: Path, dataset: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """``SftArguments`` for a few LoRA steps on CPU (the flags of ``swift sft``, as keyword arguments)."""
+    args: dict[str, Any] = {
+        "model": str(model_dir),
+        "model_type": "llava1_5_hf",  # a local directory: ms-swift cannot infer its registry entry from a hub id
+        "dataset": [str(dataset)],
+        "split_dataset_ratio": 0.0,
+        "tuner_type": "lora",
+        "freeze_vit": False,
+        "torch_dtype": "float32",
+        "max_length": 96,
+        "output_dir": str(output_dir),
+        "add_version": False,
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,  # ms-swift otherwise picks one that makes a total batch of 16
+        "learning_rate": 1.0e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "use_hf": True,  # Hugging Face hub conventions (offline here) rather than ModelScope's
+        "check_model": False,  # else the trainer asks ModelScope's hub whether the local model is the latest
+        "report_to": ["none"],
         "dataloader_num_workers": 0,
         "seed": 0,
     }
