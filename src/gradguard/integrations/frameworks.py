@@ -204,8 +204,8 @@ def detect(trainer: Any | None = None, args: Any | None = None) -> Framework | N
     True
     """
     try:
-        if args is None and trainer is not None:
-            args = getattr(trainer, "args", None)
+        if args is None:
+            args = _get(trainer, "args")
         for probe in _PROBES:
             fw = probe(trainer, args)
             if fw is not None:
@@ -240,6 +240,16 @@ def _read(obj: Any, names: Iterable[str]) -> dict[str, Any]:
         if isinstance(value, (bool, int, float, str, list, tuple, type(None))):
             out[name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _get(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` that also survives properties raising something else than AttributeError."""
+    if obj is None:
+        return None
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
 
 
 def _has_any(obj: Any, names: Iterable[str]) -> bool:
@@ -286,7 +296,7 @@ _LF_KEYS = (
 
 
 def _detect_llamafactory(trainer: Any, args: Any) -> Framework | None:
-    fargs = getattr(trainer, "finetuning_args", None) if trainer is not None else None
+    fargs = _get(trainer, "finetuning_args")
     if fargs is None and _has_any(args, ("freeze_vision_tower", "freeze_multi_modal_projector")):
         fargs = args  # someone handed us LLaMA-Factory's FinetuningArguments directly
     if not (_from_package(trainer, "llamafactory") or _from_package(args, "llamafactory") or fargs is not None):
@@ -334,6 +344,8 @@ def _llamafactory_hint(fw: Framework, role: str, frozen: bool, group: str | None
         return f"{t}: set `{key}: {_yaml(not frozen)}`{_now(s, key, _yaml, not frozen)}"
     if role in ("language", "head"):
         key = "freeze_language_model"
+        if role == "head" and not frozen:
+            return None  # freeze_language_model would freeze the language model too: no switch for lm_head alone
         if frozen and role == "head" and lora:
             return f"{t}: add `additional_target: {_leaf(group, 'lm_head')}` (LoRA leaves the output head out)"
         if frozen and s.get(key) is False and lora:
@@ -368,16 +380,14 @@ def _detect_swift(trainer: Any, args: Any) -> Framework | None:
     # ms-swift 4.x builds the trainer's TrainingArguments from its SftArguments but keeps only the fields the
     # TrainingArguments class declares: freeze_vit / freeze_aligner / freeze_llm stay on the SftArguments, held
     # by the pipeline (SwiftSft.args), whose run() -> train(trainer) frames are on the stack below the trainer.
-    source = next((c for c in (args, getattr(trainer, "args", None)) if _has_any(c, switches)), None)
+    source = next((c for c in (args, _get(trainer, "args")) if _has_any(c, switches)), None)
     if source is None:
         here = inspect.currentframe()
         try:
-            owner = _walk_stack(
-                here, lambda o: _from_package(o, "swift") and _has_any(getattr(o, "args", None), switches), 96
-            )
+            owner = _walk_stack(here, lambda o: _from_package(o, "swift") and _has_any(_get(o, "args"), switches), 96)
         finally:
             del here
-        source = getattr(owner, "args", None) if owner is not None else None
+        source = _get(owner, "args")
     settings = _read(args, ("tuner_type", "train_type"))
     settings.update(_read(source, _SWIFT_KEYS))
     return Framework("ms-swift", "ms-swift", settings, _swift_hint)
@@ -509,7 +519,7 @@ def _llava_hint(fw: Framework, role: str, frozen: bool, group: str | None) -> st
 def _detect_trl(trainer: Any, args: Any) -> Framework | None:
     if not (_from_package(trainer, "trl") or _from_package(args, "trl")):
         return None
-    model = getattr(trainer, "model", None) if trainer is not None else None
+    model = _get(trainer, "model")
     settings = {"peft": bool(model is not None and _safe_hasattr(model, "peft_config"))} if trainer else {}
     return Framework("trl", "TRL", settings, _trl_hint)
 
