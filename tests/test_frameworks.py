@@ -144,6 +144,7 @@ def test_detection_never_raises() -> None:
         ({}, "vision", True, "set `freeze_vision_tower: false` (it is true in this run)"),
         ({}, "vision", False, "set `freeze_vision_tower: true` (it is already true in this run, so something else"),
         ({"freeze_vision_tower": False, "lora_target": ["q_proj"]}, "vision", True, "use `lora_target: all`"),
+        ({"freeze_vision_tower": False}, "vision", True, "`lora_target` is all: train the tower whole with `addi"),
         ({}, "connector", True, "add `additional_target: multi_modal_projector` (with finetuning_type: lora"),
         ({}, "connector", False, "remove 'multi_modal_projector' from `additional_target`"),
         ({"finetuning_type": "full"}, "connector", True, "set `freeze_multi_modal_projector: false` (it is true"),
@@ -381,7 +382,7 @@ def _char_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _sft_llava(tmp_path, monkeypatch, modules_to_save: list[str] | None) -> Any:
+def _sft_llava(tmp_path, monkeypatch, modules_to_save: list[str] | None, on_fault: str = "stop") -> Any:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import default_data_collator
@@ -414,7 +415,7 @@ def _sft_llava(tmp_path, monkeypatch, modules_to_save: list[str] | None) -> Any:
         processing_class=_char_tokenizer(),
         data_collator=default_data_collator,
         peft_config=lora,
-        callbacks=[GradGuard(expect_trainable=["model.vision_tower"], console=False)],
+        callbacks=[GradGuard(expect_trainable=["model.vision_tower"], on_fault=on_fault, console=False)],
     )
     trainer.train()
     return Report.from_dict(__import__("json").loads((tmp_path / "gradguard-report.json").read_text()))
@@ -429,6 +430,19 @@ def test_trl_sft_trainer_gg001_names_modules_to_save_and_following_it_works(tmp_
 
     report = _sft_llava(tmp_path / "fixed", monkeypatch, ["vision_tower"])
     assert report.status == "healthy", report.findings
+
+
+def test_with_on_fault_raise_the_report_already_carries_the_framework_hint(tmp_path, monkeypatch) -> None:
+    # on_fault="raise" writes the report inside start(), at the static fault: the hint must be amended as the
+    # findings are recorded, not after start() returns.
+    from gradguard import TrainingHealthError
+
+    with pytest.raises(TrainingHealthError) as err:
+        _sft_llava(tmp_path, monkeypatch, None, on_fault="raise")
+    written = __import__("json").loads((tmp_path / "gradguard-report.json").read_text())
+    for report in (err.value.report, written):
+        gg001 = [f for f in report["findings"] if f["code"] == "GG001"]
+        assert gg001 and gg001[0]["hint"].startswith("TRL: "), gg001
 
 
 def test_the_wiring_is_patched_only_until_it_lands() -> None:

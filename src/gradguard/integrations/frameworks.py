@@ -321,10 +321,12 @@ def _llamafactory_hint(fw: Framework, role: str, frozen: bool, group: str | None
             return f"{t}: set `{key}: true`{_now(s, key, _yaml, True)}"
         if s.get(key) is False and lora:
             targets = s.get("lora_target")
+            whole = f"`additional_target: {_leaf(group, 'vision_tower')}`"
+            if targets == ["all"]:  # then LoRA did reach the tower: something after it froze the adapters
+                return f"{t}: `{key}` is already false and `lora_target` is all: train the tower whole with {whole}"
             return (
                 f"{t}: `{key}` is already false, so the tower trains only through LoRA on the modules in "
-                f"`lora_target` (here {targets!r}): use `lora_target: all`, or train it whole with "
-                f"`additional_target: {_leaf(group, 'vision_tower')}`"
+                f"`lora_target` (here {targets!r}): use `lora_target: all`, or train it whole with {whole}"
             )
         return f"{t}: set `{key}: false`{_now(s, key, _yaml, False)}"
     if role == "connector":
