@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 from conftest import trainer_args
-from framework_wiring import patch_framework_hints, real_wiring
 
 from gradguard.integrations.frameworks import Framework, amend_hints, detect, find_trainer
 from gradguard.report.model import Finding
@@ -392,7 +391,6 @@ def _sft_llava(tmp_path, monkeypatch, modules_to_save: list[str] | None, on_faul
     from gradguard.report.model import Report
     from gradguard.testing.models import FAMILIES, TinyDataset, tiny_llava
 
-    patch_framework_hints(monkeypatch)
     model = tiny_llava()
     rows = [{k: v.tolist() for k, v in s.items()} for s in TinyDataset(model, n=8)]
     lora = LoraConfig(r=4, target_modules=FAMILIES["llava"].language_lora_regex, modules_to_save=modules_to_save)
@@ -443,17 +441,3 @@ def test_with_on_fault_raise_the_report_already_carries_the_framework_hint(tmp_p
     for report in (err.value.report, written):
         gg001 = [f for f in report["findings"] if f["code"] == "GG001"]
         assert gg001 and gg001[0]["hint"].startswith("TRL: "), gg001
-
-
-def test_the_wiring_is_patched_only_until_it_lands() -> None:
-    # framework_wiring patches GradGuard's guard class for these tests; once integrations/transformers.py has the
-    # real wiring, it must stop doing so (and the end-to-end tests above then test the real thing).
-    import gradguard.integrations.transformers as tg
-
-    mp = pytest.MonkeyPatch()
-    try:
-        before, wired = tg._TrainerGuard, real_wiring()
-        patch_framework_hints(mp)
-        assert (tg._TrainerGuard is before) == wired
-    finally:
-        mp.undo()

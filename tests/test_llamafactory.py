@@ -3,9 +3,6 @@
 Model, tokenizer, processor, images and dataset are built locally (``tests/tiny_llava_assets.py``); LoRA unless
 stated. LLaMA-Factory is not part of the default install (it pins its own transformers/peft/trl): these tests are
 skipped there. ``./scripts/llamafactory_env.sh`` builds a throwaway venv and runs them.
-
-Tests marked ``needs_name_resolution`` use the names users write (``vision_tower`` for LLaVA's ``model.vision_tower``
-under transformers 5): they are strict xfails until that work (issue 12, item 1) lands, and must pass after.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ pytest.importorskip(
     reason="LLaMA-Factory is not installed (not in the default install): run ./scripts/llamafactory_env.sh",
 )
 
-from framework_wiring import needs_name_resolution, patch_framework_hints
 from tiny_llava_assets import build_dataset_dir, build_model_dir, sft_args
 from transformers import TrainerCallback
 
@@ -37,11 +33,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("llamafactory")
     return build_model_dir(root), build_dataset_dir(root)
-
-
-@pytest.fixture(autouse=True)
-def _hints(monkeypatch: pytest.MonkeyPatch) -> None:
-    patch_framework_hints(monkeypatch)
 
 
 class Probe(TrainerCallback):
@@ -173,13 +164,11 @@ def test_full_finetuning_gg002_names_the_switch_that_freezes_the_tower(assets, t
     assert "(it is false in this run)" in hint
 
 
-@needs_name_resolution()
 def test_vision_tower_as_users_write_it_is_accepted(assets, tmp_path) -> None:
     report, _ = run(assets, tmp_path, GradGuard(expect_trainable=["vision_tower"], console=False), max_steps=2)
     assert report["status"] == "healthy", report["findings"]
 
 
-@needs_name_resolution()
 def test_vision_tower_as_users_write_it_with_freeze_vision_tower_true_hints_the_switch(assets, tmp_path) -> None:
     guard = GradGuard(expect_trainable=["vision_tower"], console=False)
     report, _ = run(assets, tmp_path, guard, freeze_vision_tower=True)

@@ -20,7 +20,6 @@ pytest.importorskip(
     reason="ms-swift is not installed (not in the default install): run ./scripts/msswift_env.sh",
 )
 
-from framework_wiring import needs_name_resolution, patch_framework_hints
 from tiny_llava_assets import build_dataset_dir, build_model_dir, swift_args, swift_dataset
 from transformers import TrainerCallback
 
@@ -35,11 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("msswift")
     return build_model_dir(root), swift_dataset(root, build_dataset_dir(root))
-
-
-@pytest.fixture(autouse=True)
-def _hints(monkeypatch: pytest.MonkeyPatch) -> None:
-    patch_framework_hints(monkeypatch)
 
 
 class Probe(TrainerCallback):
@@ -143,7 +137,6 @@ def test_nan_in_the_aligner_is_caught_and_training_stops(assets, tmp_path, monke
     assert probe.global_step == fault["step"] < 6
 
 
-@needs_name_resolution()
 def test_vision_tower_as_users_write_it_is_accepted(assets, tmp_path, monkeypatch) -> None:
     report, _ = run(assets, tmp_path, monkeypatch, GradGuard(expect_trainable=["vision_tower"], console=False))
     assert report["status"] == "healthy", report["findings"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from gradguard.report.model import Fault, Finding, Origin, Report
 log = logging.getLogger("gradguard")
 
 Explain = Callable[[Diagnosis], Mapping[str, Any]]
+AmendHints = Callable[[Sequence[Finding], Mapping[str, str]], object]
 
 
 class Guard:
@@ -57,6 +58,8 @@ class Guard:
         scaler: the fp16 ``GradScaler``, whose skipped steps are overflows it handles, not faults.
         explain: extra evidence for a fault from the front door that knows the framework (the HF callback
             says how the Trainer's logs show a NaN loss).
+        amend_hints: called with the static audit's findings and ``{group: role}`` before they are recorded;
+            a front door that knows the training framework puts its own switch into the hints.
         history_size: steps of history kept at full resolution before it thins out.
         param_check_every: how often (in steps) every trainable weight is checked for NaN/Inf.
         start: build groups, audit and hooks now (``False``: call :meth:`start` later).
@@ -80,6 +83,7 @@ class Guard:
         options: Options | None = None,
         scaler: Any | None = None,
         explain: Explain | None = None,
+        amend_hints: AmendHints | None = None,
         history_size: int = 2048,
         param_check_every: int = 100,
         start: bool = True,
@@ -93,6 +97,7 @@ class Guard:
             raise ConfigurationError(f"param_check_every must be >= 1, got {param_check_every}")
         self.options = options if options is not None else Options(**knobs)
         self.model, self.optimizer, self.scaler, self.explain = model, optimizer, scaler, explain
+        self.amend_hints = amend_hints
         self.param_check_every = param_check_every
         self.step = 0  # optimizer steps checked so far (1-based numbering in reports)
         self.stopped = self.disabled = self._closed = False
@@ -145,6 +150,8 @@ class Guard:
             assert gmap is not None
             expected = {g.name for selector in opts.expected for g in gmap.match(selector)}
             self.contexts = {g.name: GroupContext(g.name, g.role, g.trainable, g.name in expected) for g in gmap}
+            if self.amend_hints is not None:
+                self.amend_hints(audit.findings, {name: c.role for name, c in self.contexts.items()})
             self.journal.add(audit.findings)
             self.journal.environment = environment(self.model, self.optimizer, self.scaler)
         except ConfigurationError:

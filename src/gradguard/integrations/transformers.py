@@ -28,6 +28,7 @@ from gradguard.engine.diagnosis import Diagnosis, plain
 from gradguard.engine.guard import Guard
 from gradguard.engine.options import Options
 from gradguard.integrations import deepspeed  # imports no deepspeed
+from gradguard.integrations.frameworks import Framework, amend_hints, detect, find_trainer
 from gradguard.report.model import Finding
 
 # How the Trainer's own logs show a NaN loss (its `logging_nan_inf_filter`, on by default): the sentence a
@@ -61,6 +62,9 @@ class GradGuard(Options, TrainerCallback, ExportableState):
         self._masked_reported = False
         self._last_logged_step = 0
         self._masking = False  # the Trainer's logs show a NaN loss as 0.0 (logging_nan_inf_filter)
+        # The fine-tuning framework that built the Trainer (LLaMA-Factory, ms-swift, ...): its own switch goes
+        # first in the hints of GG001 / GG002.
+        self.framework: Framework | None = None
 
     # -- Trainer events -----------------------------------------------------------------------------------
     def on_train_begin(
@@ -76,12 +80,18 @@ class GradGuard(Options, TrainerCallback, ExportableState):
         options.report_dir = self.report_dir or args.output_dir
         options.console = self.console and state.is_world_process_zero
         self._masking = bool(getattr(args, "logging_nan_inf_filter", False))
+        frame = inspect.currentframe()  # callbacks are not handed the Trainer: find it on the stack (never raises)
+        try:
+            self.framework = detect(find_trainer(frame, callback=self), args)
+        finally:
+            del frame
         guard = Guard(
             model,
             optimizer,
             options=options,
             scaler=getattr(optimizer, "scaler", None),
             explain=self._explain,
+            amend_hints=lambda findings, roles: amend_hints(findings, self.framework, roles),
             start=False,
         )
         self.guard = guard
