@@ -178,7 +178,10 @@ def test_optimizer_without_the_resampler(tmp_path) -> None:
     model = seed_vlm()
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad and "resampler" not in n])
     before = weights(model)
-    trainer = train(model, tmp_path, callbacks=[GradGuard(console=False)], optimizer=opt)
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with pytest.raises(TrainingHealthError, match="before step 1.*nothing was trained") as stopped:
+        train(model, tmp_path, callbacks=[GradGuard(console=False)], optimizer=opt)
     fault = report_of(tmp_path).fault
     assert (fault.kind, fault.step, fault.origin.phase, fault.origin.group) == (
         "not_in_optimizer",
@@ -186,8 +189,11 @@ def test_optimizer_without_the_resampler(tmp_path) -> None:
         "static",
         "resampler",
     )
-    assert trainer.state.global_step <= 1
+    assert stopped.value.fault["kind"] == "not_in_optimizer"
+    assert not forwards  # the Trainer cannot stop before its first step: gradguard raised, nothing ran
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    md = (tmp_path / "gradguard-report.md").read_text()
+    assert "before step 1" in md and "nothing was trained" in md and "step 0" not in md
 
 
 def test_seed_intent_is_checked_before_step_1(tmp_path) -> None:
@@ -197,7 +203,8 @@ def test_seed_intent_is_checked_before_step_1(tmp_path) -> None:
     model.resampler.requires_grad_(True)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=LLM_LORA))
     before = weights(model)
-    train(model, tmp_path, callbacks=[GradGuard(expect_trainable=["vpm", "resampler"], console=False)])
+    with pytest.raises(TrainingHealthError, match="GG001 frozen_expected_trainable before step 1"):
+        train(model, tmp_path, callbacks=[GradGuard(expect_trainable=["vpm", "resampler"], console=False)])
     report = report_of(tmp_path)
     assert report.fault.kind == "frozen_expected_trainable" and report.fault.step == 0
     assert {f.group for f in report.findings if f.code == "GG001"} == {"vpm", "resampler"}

@@ -8,9 +8,10 @@ import math
 import torch
 
 from gradguard import Guard, Report
-from gradguard.engine.detectors import Thresholds, Trends, diagnose
+from gradguard.engine.detectors import Thresholds, diagnose
 from gradguard.engine.history import History
 from gradguard.engine.stats import GroupContext, StepStats
+from gradguard.engine.trends import Trends
 
 GROUPS = {
     "vision": GroupContext("vision", "vision", False, False),

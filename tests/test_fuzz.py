@@ -30,7 +30,7 @@ from test_reliability_bitwise import validate_report
 from test_reliability_hygiene import hooks
 from torch import nn
 
-from gradguard import Guard, audit_requires_grad, build_groups
+from gradguard import Guard, Report, TrainingHealthError, audit_requires_grad, build_groups
 from gradguard.codes import rule
 from gradguard.engine import shutdown
 
@@ -334,12 +334,16 @@ def test_degenerate_models(case: str) -> None:
         model = nn.Sequential(nn.Linear(D, D)).requires_grad_(False)
     check_structure(model)
     before = hooks(model)
-    guard = Guard(model, strict=True, console=False)
-    assert guard.fault is not None and guard.fault.kind == "no_trainable_params"
-    assert guard.check() is False  # stop: nothing can train
-    report = guard.close()
+    with pytest.raises(TrainingHealthError, match="before step 1") as stopped:  # stop: nothing can train
+        Guard(model, strict=True, console=False)
+    report = Report.from_dict(stopped.value.report)
+    assert report.fault is not None and report.fault.kind == "no_trainable_params"
     assert not report.ok and hooks(model) == before
+    assert not [g for g in shutdown.open_guards() if g.model is model]
     validate_report(json.loads(report.to_json()))
+    guard = Guard(model, strict=True, console=False, on_fault="warn")  # recorded; the loop may go on
+    assert guard.fault is not None and guard.check() is True
+    guard.close()
 
 
 @settings(FUZZ, max_examples=EXAMPLES["structure"])
@@ -355,7 +359,7 @@ def test_fuzz_guard_starts_and_closes_on_meta_models(spec: ModelSpec) -> None:
     model = make_model(spec, allow_meta=True)
     model.to("meta")
     before = hooks(model)
-    report = Guard(model, strict=True, console=False).close()
+    report = Guard(model, strict=True, console=False, on_fault="warn").close()
     assert hooks(model) == before
     validate_report(json.loads(report.to_json()))
     if any(p.requires_grad for p in model.parameters()):
@@ -370,7 +374,12 @@ def test_fuzz_guarded_training(spec: ModelSpec) -> None:
     before = hooks(model)
     trainable = [p for p in unique_params(model) if p.requires_grad]
     opt = torch.optim.SGD(trainable or [torch.zeros(1, requires_grad=True)], lr=0.01)
-    guard = Guard(model, opt if trainable else None, strict=True, console=False)
+    if not trainable:  # nothing can train: stopped before the first step, nothing left attached
+        with pytest.raises(TrainingHealthError, match="no_trainable_params before step 1"):
+            Guard(model, None, strict=True, console=False)
+        assert hooks(model) == before and not [g for g in shutdown.open_guards() if g.model is model]
+        return
+    guard = Guard(model, opt, strict=True, console=False)
     x = torch.randn(3, D, generator=torch.Generator().manual_seed(0))
     went_on = []
     for _ in range(4):
@@ -386,9 +395,7 @@ def test_fuzz_guarded_training(spec: ModelSpec) -> None:
     validate_report(json.loads(report.to_json()))
     errors = [f for f in report.findings if f.severity == "error"]
     assert report.ok == (not errors and report.fault is None)
-    if trainable:
-        # healthy: finite, supervised by construction; side branches and frozen paths only warn
-        assert not errors and report.status == "healthy" and all(went_on), report.findings
-        assert not [f for f in report.findings if f.kind not in ("dead_gradient", "fp16_trainable", "partial_freeze")]
-    else:
-        assert report.fault is not None and report.fault.kind == "no_trainable_params" and not any(went_on)
+    # healthy: finite, supervised by construction; side branches and frozen paths only warn
+    assert not errors and report.status == "healthy" and all(went_on), report.findings
+    quiet = ("dead_gradient", "fp16_trainable", "partial_freeze", "unused_params", "idle_group")
+    assert not [f for f in report.findings if f.kind not in quiet]

@@ -47,7 +47,7 @@ TARGETS = {
     "gradguard.engine.probes.Probes.fired_per_group": "per-step reduction (check)",
     "gradguard.engine.probes.Probes.attach": "start: attaching hooks",
     "gradguard.engine.detectors.diagnose": "fault detector",
-    "gradguard.engine.detectors.Trends.update": "trend detectors",
+    "gradguard.engine.trends.Trends.update": "trend detectors",
     "gradguard.engine.history.History.add": "history",
     "gradguard.engine.read.stack_scalars": "per-step packing (check)",
     "gradguard.engine.guard.audit_requires_grad": "start: static audit",
@@ -149,7 +149,7 @@ def test_strict_lets_it_propagate(target: str, monkeypatch: pytest.MonkeyPatch) 
 
 def test_plain_loop_guard_contains_and_strict_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine on its own, in a hand-written loop: the same guarantee."""
-    _patch(monkeypatch, "gradguard.engine.detectors.Trends.update")
+    _patch(monkeypatch, "gradguard.engine.trends.Trends.update")
 
     def loop(strict: bool) -> tuple[torch.nn.Module, Guard]:
         torch.manual_seed(0)

@@ -201,7 +201,8 @@ def test_sigterm_mid_training_still_writes_the_report(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGTERM, err.decode()[-2000:]
     data = json.loads((out / "gradguard-report.json").read_text())
     validate_report(data)
-    assert data["status"] == "healthy" and data["environment"]["steps"] >= 3
+    assert data["status"] == "interrupted" and data["environment"]["steps"] >= 3
+    assert data["exit"]["type"] == "SIGTERM" and data["exit"]["last_step"] >= 3
     assert len(data["history"]["steps"]) >= 3
 
 
@@ -232,7 +233,8 @@ def test_interrupted_unclosed_plain_loop_writes_the_report_at_exit(tmp_path: Pat
     assert b"KeyboardInterrupt" in proc.stderr  # the user's traceback is untouched
     data = json.loads((tmp_path / "gradguard-report.json").read_text())
     validate_report(data)
-    assert data["status"] == "healthy" and data["environment"]["steps"] == 5
+    assert data["status"] == "interrupted" and data["environment"]["steps"] == 5
+    assert data["exit"] == {"status": "interrupted", "type": "KeyboardInterrupt", "message": "", "last_step": 5}
 
 
 def test_guard_reports_in_process_are_schema_valid(tmp_path: Path) -> None:

@@ -360,8 +360,10 @@ TrainingArguments(learning_rate=1e-4, max_grad_norm=1.0)   # or a lower LR for t
         "dead_gradient",
         "warning",
         "a trainable group gets no gradient",
-        "A group with trainable parameters received no gradient (`.grad` stayed `None`) or an exactly "
-        "zero one for several consecutive steps. An error when the group is in `expect_trainable`.",
+        "A group with trainable parameters ran its forward but received no gradient (`.grad` stayed `None`) "
+        "or an exactly zero one, for several consecutive steps. An error when the group is in "
+        "`expect_trainable`. Steps on which the group ran no forward (text-only batches never reach a vision "
+        "tower) do not count: that is GG112.",
         "The group is meant to train but does not: its forward runs under `torch.no_grad` (LLaVA#305), "
         "reentrant gradient checkpointing cut the graph (peft#2880), or its output is detached.",
         """
@@ -374,7 +376,8 @@ image_features = self.vision_tower(pixel_values)
 # or model.enable_input_require_grads()
 """,
         "LoRA's `lora_B` starts at zero, so `lora_A` gets an exactly zero gradient on the first step of a "
-        "healthy run: gradguard judges a group, over several steps, never a single step.",
+        "healthy run: gradguard judges a group, over several steps, never a single step. A group made of loose "
+        "parameters (BLIP-2's `query_tokens`) has no forward to watch: it is judged on every step.",
     ),
     Rule(
         "GG110",
@@ -406,6 +409,45 @@ TrainingArguments(logging_steps=1)   # {'loss': 0.0, 'grad_norm': nan}
 """,
         """
 TrainingArguments(logging_nan_inf_filter=False)   # to see the NaN in the logs; GradGuard reads it anyway
+""",
+    ),
+    Rule(
+        "GG112",
+        "idle_group",
+        "info",
+        "a trainable group ran no forward for many steps",
+        "No input reached a trainable group for `idle_steps` consecutive steps (default 50): its forward did "
+        "not run, so it got no gradient and did not train on them. A warning at the end of the run when a group "
+        "named in `expect_trainable` never ran at all.",
+        "Real VLM instruction data mixes text-only samples, and on those the vision tower and the connector do "
+        "not run: that is healthy, and gradguard does not call the group dead for it. But a vision tower that "
+        "never sees an image (the image column dropped by the collator, `remove_unused_columns=True`, a prompt "
+        "without the image token) trains on nothing.",
+        """
+dataset = text_only_samples           # no pixel_values in any batch
+GradGuard(expect_trainable=["vision_tower"])   # GG112 warning at the end: vision_tower never ran
+""",
+        """
+TrainingArguments(remove_unused_columns=False)  # keep pixel_values; and put the image token in the prompts
+""",
+        "Only groups whose root module gradguard hooks can be watched (not loose parameters).",
+    ),
+    Rule(
+        "GG113",
+        "unused_params",
+        "info",
+        "trainable tensors never get a gradient while their group runs",
+        "Some trainable tensors of a group got no gradient on any step its forward ran, while the rest of the "
+        "group did.",
+        "They take optimizer memory and compute and learn nothing. The common case is by design: LLaVA reads "
+        "the vision features from the second-to-last layer (`vision_feature_layer=-2`), so the last layer of the "
+        "vision tower never gets a gradient; LoRA adapters put there are wasted.",
+        """
+config = LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["vision_tower"])
+# LLaVA with vision_feature_layer=-2: the last CLIP layer's tensors never get a gradient (GG113)
+""",
+        """
+model.model.vision_tower.vision_model.encoder.layers[-1].requires_grad_(False)  # or leave it out of LoRA
 """,
     ),
     Rule(

@@ -1,19 +1,16 @@
-"""Detectors: pure functions of one step's statistics (and a small rolling state). No hooks, no I/O.
+"""Detectors: pure functions of one step's statistics. No hooks, no I/O.
 
-:func:`diagnose` answers "is this step poisoned, and where did it begin?" (the errors that stop a run);
-:class:`Trends` watches the run's own history for spikes, explosions, collapse, dead gradients and a falling
-fp16 loss scale. Thresholds are relative to the run itself (robust median/MAD statistics), never
-absolute: healthy gradient norms range from 1e-3 to 1e3 across models. Every finding the running guard
-emits is built here, once.
+:func:`diagnose` answers "is this step poisoned, and where did it begin?" (the errors that stop a run); the
+run's history is watched by :mod:`gradguard.engine.trends`. :class:`Thresholds` holds the knobs of both. The
+guard's own findings (internal errors, weights found non-finite, a flag no detector could attribute) are built
+here too, once each.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gradguard.engine.diagnosis import Diagnosis, origin_for
@@ -33,7 +30,8 @@ class Thresholds:
     spike_z: float = 8.0  # robust z-score (MAD units) for a loss spike or gradient explosion
     spike_ratio: float = 1.5  # … and at least this factor above the median (loss)
     explosion_ratio: float = 10.0  # … and at least this factor above the median (grad norm)
-    dead_steps: int = 3  # consecutive steps without gradient before a group is called dead
+    dead_steps: int = 3  # consecutive steps with a forward but no gradient before a group is called dead
+    idle_steps: int = 50  # consecutive steps without a forward before a trainable group is called idle (info)
     collapse_steps: int = 5  # consecutive near-zero loss steps before "collapse"
     collapse_fraction: float = 1e-3  # "near zero" = below this fraction of the starting loss
     scaler_skips: int = 8  # consecutive fp16 skipped steps before the loss scale counts as collapsed
@@ -44,11 +42,34 @@ class Thresholds:
             return cls()
         if isinstance(data, Thresholds):
             return data
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(f"thresholds must be a dict of Thresholds fields, got {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
             raise ConfigurationError(f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        for name, (valid, what) in _VALID.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+                raise ConfigurationError(f"thresholds[{name!r}] must be {what}, got {value!r}")
+
+
+# What each threshold accepts, and the range in words for the error message.
+_VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "window": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "warmup": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "spike_z": (lambda v: v > 0, "a number > 0"),
+    "spike_ratio": (lambda v: v > 1, "a number > 1"),
+    "explosion_ratio": (lambda v: v > 1, "a number > 1"),
+    "dead_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "idle_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "collapse_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "collapse_fraction": (lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)"),
+    "scaler_skips": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+}
 
 
 def diagnose(
@@ -120,8 +141,13 @@ def _nonfinite_fault(
         micro, value = loss_bad[0]
         kind, what = "nonfinite_loss", f"the raw loss is {value} (micro-batch {micro})"
         evidence["raw loss per micro-batch"] = stats.losses
-    else:
+    elif stats.losses:
         kind, what = "nonfinite_grad", "the loss is finite but gradients are not"
+    else:  # never say what was not observed: the loss may be NaN too
+        kind, what = "nonfinite_grad", (
+            "gradients are not finite (the loss was not recorded: pass it with `guard.record_loss(loss)` to tell a "
+            "NaN loss from a NaN gradient)"
+        )
     if bad_grads:
         evidence["groups with non-finite gradients"] = ", ".join(f"{g} ({n} tensors)" for g, n in bad_grads.items())
     bad_out = next(((g, m) for g, m, a in stats.group_outputs if not math.isfinite(a)), None)
@@ -255,184 +281,3 @@ def internal_error(exc: BaseException, step: int) -> Finding:
         "please report it; GradGuard(strict=True) re-raises it",
         step=step,
     )
-
-
-def _robust_z(x: float, window: deque[float]) -> tuple[float, float]:
-    med = statistics.median(window)
-    mad = statistics.median(abs(v - med) for v in window)
-    scale = 1.4826 * mad + 1e-12 * max(1.0, abs(med))
-    return (x - med) / scale, med
-
-
-@dataclass
-class Trends:
-    """Rolling state for the trend detectors (spikes, explosions, collapse, dead gradients, fp16 scale)."""
-
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    losses: deque[float] = field(default_factory=deque)
-    norms: dict[str, deque[float]] = field(default_factory=dict)
-    start_losses: list[float] = field(default_factory=list)
-    near_zero: int = 0
-    collapsed: bool = False
-    dead: dict[str, int] = field(default_factory=dict)
-    reported_dead: set[str] = field(default_factory=set)
-    scaler_skips: int = 0
-    scaler_reported: bool = False
-
-    def update(self, stats: StepStats, groups: Mapping[str, GroupContext]) -> list[Finding]:
-        th = self.thresholds
-        out: list[Finding] = []
-        step = stats.step
-        loss = stats.loss
-        if loss is not None and math.isfinite(loss):
-            out += self._loss(step, loss)
-            empty = [i for i, n in enumerate(stats.supervised) if n == 0]
-            if empty:  # a finite loss over no target tokens: a wasted step, not a poisoned one
-                out.append(
-                    Finding.of(
-                        "no_supervision",
-                        f"step {step}: micro-batch {empty[0]} has no target tokens (all labels are -100); "
-                        "the step learned nothing from it",
-                        "raise model_max_length or drop samples whose labels are all -100 in the collator",
-                        severity="warning",
-                        step=step,
-                        phase="data",
-                    )
-                )
-        for name, ctx in groups.items():
-            if not ctx.trainable:
-                continue
-            norm = stats.group_norm.get(name)
-            fired = stats.group_fired.get(name, 0)
-            nonzero = stats.group_nonzero.get(name, 0)
-            if fired == 0 or nonzero == 0:
-                self.dead[name] = self.dead.get(name, 0) + 1
-            else:
-                self.dead[name] = 0
-            if self.dead[name] >= th.dead_steps and name not in self.reported_dead:
-                self.reported_dead.add(name)
-                why = "no gradient at all (.grad stayed None)" if fired == 0 else "an exactly zero gradient"
-                out.append(
-                    Finding.of(
-                        "dead_gradient",
-                        f"{name} is trainable but got {why} for {self.dead[name]} consecutive steps",
-                        "check that its forward is not under torch.no_grad or detached, and that gradient "
-                        "checkpointing uses use_reentrant=False (or call model.enable_input_require_grads())",
-                        name,
-                        severity="error" if ctx.expected else "warning",
-                        step=step,
-                        phase="backward",
-                    )
-                )
-            if norm is not None and math.isfinite(norm) and norm > 0:
-                out += self._norm(step, name, norm)
-        if stats.scaler_active:
-            out += self._scaler(step, stats)
-        return out
-
-    def _loss(self, step: int, loss: float) -> list[Finding]:
-        th = self.thresholds
-        out = []
-        if len(self.start_losses) < 10:
-            self.start_losses.append(loss)
-        if len(self.losses) >= th.warmup:
-            z, med = _robust_z(loss, self.losses)
-            if z > th.spike_z and loss > th.spike_ratio * med:
-                out.append(
-                    Finding.of(
-                        "loss_spike",
-                        f"step {step}: loss {loss:.4g} is {loss / med:.1f}x its recent median {med:.4g} "
-                        f"(robust z {z:.0f})",
-                        "lower the learning rate or add warm-up; check the batch at this step",
-                        step=step,
-                        phase="forward",
-                    )
-                )
-        self.losses.append(loss)
-        while len(self.losses) > th.window:
-            self.losses.popleft()
-        start = statistics.median(self.start_losses)
-        if start > 1e-2 and abs(loss) < th.collapse_fraction * start:
-            self.near_zero += 1
-        else:
-            self.near_zero = 0
-        if self.near_zero >= th.collapse_steps and not self.collapsed:
-            self.collapsed = True
-            out.append(
-                Finding.of(
-                    "loss_collapse",
-                    f"step {step}: the loss has been ~0 ({loss:.2g}) for {self.near_zero} steps after starting "
-                    f"at {start:.3g}",
-                    "check that labels do not leak into the inputs and that the answer tokens are supervised",
-                    step=step,
-                    phase="forward",
-                )
-            )
-        return out
-
-    def _norm(self, step: int, name: str, norm: float) -> list[Finding]:
-        th = self.thresholds
-        hist = self.norms.setdefault(name, deque())
-        out = []
-        log_norm = math.log10(norm)
-        if len(hist) >= th.warmup:
-            z, med = _robust_z(log_norm, hist)
-            if z > th.spike_z and log_norm - med > math.log10(th.explosion_ratio):
-                out.append(
-                    Finding.of(
-                        "grad_explosion",
-                        f"step {step}: {name}'s pre-clip gradient norm {norm:.3g} is "
-                        f"{10 ** (log_norm - med):.0f}x its recent median {10**med:.3g}",
-                        "lower the learning rate (or this group's), keep max_grad_norm on, check the batch",
-                        name,
-                        step=step,
-                        phase="backward",
-                    )
-                )
-        hist.append(log_norm)
-        while len(hist) > th.window:
-            hist.popleft()
-        return out
-
-    def _scaler(self, step: int, stats: StepStats) -> list[Finding]:
-        skipped = not stats.grads_finite
-        self.scaler_skips = self.scaler_skips + 1 if skipped else 0
-        if self.scaler_skips >= self.thresholds.scaler_skips and not self.scaler_reported:
-            self.scaler_reported = True
-            scale = f" to {stats.loss_scale:.3g}" if stats.loss_scale is not None else ""
-            return [
-                Finding.of(
-                    "loss_scale_collapse",
-                    f"step {step}: the fp16 GradScaler skipped {self.scaler_skips} steps in a row and the loss "
-                    f"scale fell{scale}: the model overflows fp16 every step",
-                    "train in bf16, or find the overflowing module (GradGuard's report names it) and keep it in fp32",
-                    step=step,
-                    phase="optimizer",
-                )
-            ]
-        return []
-
-    # -- resume ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "losses": list(self.losses),
-            "norms": {k: list(v) for k, v in self.norms.items()},
-            "start_losses": self.start_losses,
-            "dead": self.dead,
-            "reported_dead": sorted(self.reported_dead),
-            "near_zero": self.near_zero,
-            "collapsed": self.collapsed,
-            "scaler_skips": self.scaler_skips,
-            "scaler_reported": self.scaler_reported,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.losses = deque(state.get("losses", []))
-        self.norms = {k: deque(v) for k, v in state.get("norms", {}).items()}
-        self.start_losses = list(state.get("start_losses", []))
-        self.dead = dict(state.get("dead", {}))
-        self.reported_dead = set(state.get("reported_dead", []))
-        self.near_zero = int(state.get("near_zero", 0))
-        self.collapsed = bool(state.get("collapsed", False))
-        self.scaler_skips = int(state.get("scaler_skips", 0))
-        self.scaler_reported = bool(state.get("scaler_reported", False))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,16 @@ from torch import nn
 
 from gradguard.core.audit import Audit, audit_requires_grad
 from gradguard.engine import detectors, distributed, policy, shutdown
-from gradguard.engine.detectors import Thresholds, Trends
+from gradguard.engine.detectors import Thresholds
 from gradguard.engine.diagnosis import Diagnosis, origin_for
 from gradguard.engine.history import History
-from gradguard.engine.journal import Journal, environment, print_report, write_report
+from gradguard.engine.journal import Journal, ReportWriter, environment, print_report
 from gradguard.engine.localize import localized
 from gradguard.engine.options import Options
 from gradguard.engine.probes import Probes
 from gradguard.engine.read import StepReader, params_finite
 from gradguard.engine.stats import GroupContext, StepStats
+from gradguard.engine.trends import Trends
 from gradguard.errors import ConfigurationError
 from gradguard.report.model import Fault, Finding, Origin, Report
 
@@ -62,6 +64,9 @@ class Guard:
             a front door that knows the training framework puts its own switch into the hints.
         history_size: steps of history kept at full resolution before it thins out.
         param_check_every: how often (in steps) every trainable weight is checked for NaN/Inf.
+        stops_before_first_step: the front door can stop its loop before the first step (Lightning's
+            ``should_stop``). Otherwise a static error under ``on_fault="stop"`` raises
+            :class:`TrainingHealthError` at :meth:`start`, so that no forward, backward or update runs at all.
         start: build groups, audit and hooks now (``False``: call :meth:`start` later).
 
     >>> import torch
@@ -86,6 +91,7 @@ class Guard:
         amend_hints: AmendHints | None = None,
         history_size: int = 2048,
         param_check_every: int = 100,
+        stops_before_first_step: bool = False,
         start: bool = True,
         **knobs: Any,
     ) -> None:
@@ -93,12 +99,17 @@ class Guard:
             raise TypeError(f"Guard expects the torch.nn.Module being trained, got {type(model).__name__}")
         if options is not None and knobs:
             raise TypeError(f"pass either options= or keyword options, not both (got {', '.join(knobs)})")
-        if param_check_every < 1:
-            raise ConfigurationError(f"param_check_every must be >= 1, got {param_check_every}")
+        for name, value, low in (("param_check_every", param_check_every, 1), ("history_size", history_size, 4)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
+        unknown = sorted(set(knobs) - {f.name for f in fields(Options)})
+        if unknown:
+            known = ", ".join(f.name for f in fields(Options))
+            raise ConfigurationError(f"unknown Guard option(s) {unknown}; the options are: {known}")
         self.options = options if options is not None else Options(**knobs)
         self.model, self.optimizer, self.scaler, self.explain = model, optimizer, scaler, explain
         self.amend_hints = amend_hints
-        self.param_check_every = param_check_every
+        self.param_check_every, self.stops_before_first_step = param_check_every, stops_before_first_step
         self.step = 0  # optimizer steps checked so far (1-based numbering in reports)
         self.stopped = self.disabled = self._closed = False
         self.journal = Journal(history_size)
@@ -110,6 +121,9 @@ class Guard:
         self.reader: StepReader | None = None
         self.tracer: Any = None  # engine.trace.Tracer: autocast capture for replays; every module if trace="full"
         self._pending: Diagnosis | None = None  # seen after the ranks agreed: stop with them at the next step
+        self._crash: Exception | None = None  # the model's forward raised (cleared when training goes on)
+        self._warned_idle = False
+        self.writer = ReportWriter(Path(self.options.report_dir)) if self.options.report_dir is not None else None
         if start:
             self.start()
 
@@ -162,6 +176,7 @@ class Guard:
             return Audit(groups=[], findings=list(self.findings))
         try:
             probes = self.probes = Probes(self.model, gmap, on_error=self.contain)
+            probes.on_crash = self._crashed
             probes.attach()
             # Norms batched per backward only in one process with whole gradients (see engine.probes).
             probes.batched = distributed.world() == 1 and not probes.shard_weights
@@ -177,19 +192,25 @@ class Guard:
         if errors:
             origin = origin_for("static", errors[0].group, self.contexts)
             diagnosis = Diagnosis(errors[0], origin, {"static errors": len(errors)})
-            action = policy.decide(diagnosis, opts.on_fault)
+            action = policy.decide(diagnosis, opts.on_fault, static_stop_raises=not self.stops_before_first_step)
             self._act(action, diagnosis)
             policy.apply(action, self)
         return audit
 
-    def close(self) -> Report:
-        """Remove every hook, run the final checks and write the report (idempotent)."""
+    def close(self, error: BaseException | None = None, *, signal: str | None = None) -> Report:
+        """Remove every hook, run the final checks and write the report (idempotent).
+
+        ``error``: the exception that ended training, if one did (the report's status is then ``aborted``, or
+        ``interrupted`` for a ``KeyboardInterrupt``); ``signal``: the signal that stopped the process.
+        """
         if self._closed:
             return self.report()
         self._closed = True
         self._detach()
+        self.journal.ended(error or self._crash, self.step, signal)
         if not self.disabled and self.step:
             try:
+                self.journal.add(self.trends.finish(self.contexts))
                 if not params_finite(self.model) and not any(f.kind == "nonfinite_param" for f in self.findings):
                     self.journal.add([detectors.nonfinite_params(self.step, "after")])
             except Exception as exc:
@@ -214,8 +235,8 @@ class Guard:
     def __enter__(self) -> Guard:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        self.close(error)
 
     # -- the step ----------------------------------------------------------------------------------------
     def check(self, step: int | None = None) -> bool:
@@ -224,14 +245,18 @@ class Guard:
         Reads this step's statistics with one host sync, runs the detectors and applies the policy.
         Returns ``True`` when training may go on; on a fault with ``on_fault="stop"`` the poisoned update
         is skipped (every ``.grad`` is set to ``None``) and ``False`` is returned; with ``"raise"`` a
-        :class:`TrainingHealthError` follows. A check with nothing recorded since the last one (no forward,
-        no backward: DeepSpeed's step already checked this step) counts no step and repeats the decision.
+        :class:`TrainingHealthError` follows. A check with no backward since the last one counts no step and
+        repeats the last decision (it warns once: the loop probably calls it before ``backward()``).
         """
         probes, reader = self.probes, self.reader
         if probes is None or reader is None or probes.idle:
+            if probes is not None and reader is not None and step != self.step:
+                self._warn_idle()  # not a front door's second look at its step (DeepSpeed checked it already)
             self.step = step if step is not None else self.step  # the front door's numbering, if it has one
+            self._reset()
             return not self.stopped
         self.step = step if step is not None else self.step + 1
+        self._crash = None  # a forward that raised earlier was caught: training went on
         if self.stopped or self.disabled or self._closed:
             self._reset()
             return policy.apply(policy.STOPPED, self) if self.stopped else True
@@ -319,6 +344,20 @@ class Guard:
         if action.stop:
             log.error("gradguard: %s at step %s: %s", fault.code, fault.step, fault.message)
 
+    def _crashed(self, error: Exception) -> None:
+        self._crash = error
+
+    def _warn_idle(self) -> None:
+        if self._warned_idle:
+            return
+        self._warned_idle = True
+        message = (
+            f"gradguard: check() was called with no backward since the last check (after step {self.step}): it "
+            "counts no step. Call it once per optimizer step, after loss.backward() and before optimizer.step()"
+        )
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def _reset(self) -> None:
         if self.probes is not None:
             self.probes.reset()
@@ -369,9 +408,13 @@ class Guard:
 
     def write(self, report: Report | None = None) -> Path | None:
         """Write ``gradguard-report.json`` / ``.md`` into ``report_dir`` (rank 0 only); the path, or ``None``."""
-        if self.report_dir is None or distributed.rank() != 0:
+        if self.writer is None or distributed.rank() != 0:
             return None
-        return write_report(report or self.report(), self.report_dir, self)
+        try:
+            return self.writer.write(report or self.report())
+        except Exception as exc:  # a bug of ours while rendering: contained; the JSON, which programs read, still
+            self.contain(exc)
+            return self.writer.write(self.report(), json_only=True)
 
     def print(self, report: Report | None = None) -> None:
         if distributed.rank() == 0:

@@ -10,6 +10,8 @@ import logging
 import math
 import platform
 import sys
+import tempfile
+import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,7 +26,8 @@ from gradguard.engine import distributed
 from gradguard.engine.diagnosis import Diagnosis
 from gradguard.engine.history import History
 from gradguard.engine.stats import StepStats
-from gradguard.report.model import Fault, Finding, Report, atomic_write
+from gradguard.errors import TrainingHealthError
+from gradguard.report.model import Fault, Finding, Report, Status, atomic_write
 
 log = logging.getLogger("gradguard")
 
@@ -44,6 +47,7 @@ class Journal:
         self.history = History(history_size)
         self.recent: deque[dict[str, Any]] = deque(maxlen=16)  # full-resolution tail for the report
         self.environment: dict[str, Any] = {}
+        self.exit: dict[str, Any] | None = None  # how a run that did not finish ended
 
     def add(self, findings: Iterable[Finding]) -> None:
         """Record findings; a step's finding seen again for the same group is counted instead."""
@@ -95,6 +99,19 @@ class Journal:
             )
         return self.fault
 
+    def ended(self, error: BaseException | None, step: int, signal: str | None = None) -> None:
+        """Record how the run ended when it did not finish: an exception that escaped training (aborted), or
+        Ctrl-C / a termination signal (interrupted). gradguard's own TrainingHealthError is the fault itself."""
+        if self.exit is not None or (error is None and signal is None) or isinstance(error, TrainingHealthError):
+            return
+        if signal is not None:
+            status, kind, message = "interrupted", signal, f"the process received {signal}"
+        else:
+            assert error is not None
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "aborted"
+            kind, message = type(error).__name__, str(error)
+        self.exit = {"status": status, "type": kind, "message": message, "last_step": step}
+
     def report(self, gmap: GroupMap | None, optimizer: Any, *, steps: int, disabled: bool) -> Report:
         opt_ids = None
         if optimizer is not None:
@@ -109,8 +126,10 @@ class Journal:
         history["skipped_steps"] = list(self.skipped_steps)[-100:]
         history["counts"] = dict(self.counts)
         history["repeated_findings"] = {f"{c} {g or ''}".strip(): n for (c, g), n in self.repeats.items() if n}
+        status: Status = "fault" if self.fault is not None else self.exit["status"] if self.exit else "healthy"
         return Report(
-            status="fault" if self.fault is not None else "healthy",
+            status=status,
+            exit=self.exit,
             fault=self.fault,
             findings=list(self.findings),
             groups=groups,
@@ -134,20 +153,50 @@ class Journal:
         self.counts.update(state.get("counts", {}))
 
 
-def write_report(report: Report, folder: Path, guard: Any) -> Path | None:
-    """Save ``report`` into ``folder``; a failure is contained by ``guard``, then the JSON alone is tried again
-    (it is what programs read), with the internal-error finding in it."""
-    try:
-        return report.save(folder)
-    except Exception as exc:
-        guard.contain(exc)
-    try:
-        path = folder / "gradguard-report.json"
-        atomic_write(path, guard.report().to_json())
-        return path
-    except Exception as exc:
-        log.error("gradguard: could not write the report to %s (%s: %s)", folder, type(exc).__name__, exc)
-        return None
+class ReportWriter:
+    """Writes ``gradguard-report.json`` / ``.md`` where the user asked.
+
+    Writing is I/O, not gradguard's logic: a folder that cannot be written (a path that is a file, a read-only or
+    full disk) is warned about once, with the path and the OS error, and the report goes to a temporary folder that
+    the warning names; detection never stops because of it, and the report in memory stays complete.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.fallback: Path | None = None
+
+    def write(self, report: Report, *, json_only: bool = False) -> Path | None:
+        """The path of the JSON written, or ``None`` when neither folder could be written."""
+        save = (lambda f: _save_json(report, f)) if json_only else report.save
+        try:
+            return save(self.fallback or self.folder)
+        except OSError as exc:
+            if self.fallback is not None:
+                log.error("gradguard: could not write the report to %s either (%s: %s)", self.fallback, _name(exc), exc)
+                return None
+            self.fallback = Path(tempfile.mkdtemp(prefix="gradguard-report-"))
+            message = (
+                f"gradguard: cannot write the report to {self.folder} ({_name(exc)}: {exc}); writing it to "
+                f"{self.fallback} instead. Detection goes on."
+            )
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        try:
+            return save(self.fallback)
+        except OSError as exc:
+            log.error("gradguard: could not write the report to %s either (%s: %s)", self.fallback, _name(exc), exc)
+            return None
+
+
+def _save_json(report: Report, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "gradguard-report.json"
+    atomic_write(path, report.to_json())
+    return path
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
 
 
 def print_report(report: Report) -> None:

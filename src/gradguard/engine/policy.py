@@ -47,14 +47,22 @@ STOPPED = Action(skip_update=True, stop=True)  # every step after a stop: nothin
 
 
 def decide(
-    diagnosis: Diagnosis | None, on_fault: OnFault, *, world: int = 1, agreed: bool = True, stopped: bool = False
+    diagnosis: Diagnosis | None,
+    on_fault: OnFault,
+    *,
+    world: int = 1,
+    agreed: bool = True,
+    stopped: bool = False,
+    static_stop_raises: bool = True,
 ) -> Action:
     """The action for this step (pure).
 
     ``agreed``: whether the ranks' all-reduced flags marked this step (every rank knows); a rank that found
     something the flags did not carry must not act alone: it defers to the next step, where its flag makes
     every rank stop together. In one process ``agreed`` does not matter. Only an error stops a run; a warning
-    or an info finding is recorded elsewhere and training goes on.
+    or an info finding is recorded elsewhere and training goes on. A static error (found before step 1) under
+    ``on_fault="stop"`` raises when ``static_stop_raises``: most loops (the HF Trainer's among them) cannot stop
+    before their first step, and raising is the one way to guarantee that nothing trains.
 
     >>> from gradguard.report.model import Finding, Origin
     >>> nan = Diagnosis(Finding.of("nonfinite_loss", "step 3: the loss is nan", "fix it", step=3), Origin("forward"))
@@ -72,8 +80,15 @@ def decide(
     finding = diagnosis.finding
     if on_fault == "warn":
         return Action(record=True, let_through=finding.kind.startswith("nonfinite"))
-    step = finding.step if finding.step is not None else 0
-    reason = f"{finding.code} {finding.kind} at step {step}: {finding.message}"
+    if diagnosis.origin.phase == "static":
+        reason = (
+            f"{finding.code} {finding.kind} before step 1: {finding.message}. Training was stopped before its "
+            "first step: nothing was trained. Fix the set-up (the hint in the report), or pass on_fault='warn' "
+            "to train anyway"
+        )
+        raises = on_fault == "raise" or static_stop_raises
+        return Action(record=True, skip_update=True, stop=True, raise_error=raises, reason=reason)
+    reason = f"{finding.code} {finding.kind} at step {finding.step}: {finding.message}"
     return Action(record=True, skip_update=True, stop=True, raise_error=on_fault == "raise", reason=reason)
 
 

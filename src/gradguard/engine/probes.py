@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,14 @@ def find_loss(out: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
 
 
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, one level deep (itself, a tuple or list, a dict or ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
 def _logits(out: Any) -> torch.Tensor | None:
     logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
@@ -155,6 +164,10 @@ class MicroBatch:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
+    # Whether its backward ran (a hook on its loss, or output, fired). A forward without a backward (an evaluation
+    # in train mode without torch.no_grad) is not a training micro-batch. None: nothing to watch (no tensor of it
+    # requires grad), counted as before.
+    backward: bool | None = False
 
 
 class Probes:
@@ -176,6 +189,7 @@ class Probes:
         self.group_names = list(gmap.groups)
         # Trainable parameters, in a fixed order; their group and module index for on-device reductions.
         self.params: list[tuple[str, nn.Parameter]] = []
+        self.paths: list[str] = []  # each parameter's path as the user knows it (wrapper segments removed)
         self.param_group: list[int] = []
         self.param_module: list[int] = []
         self.modules: list[str] = []
@@ -186,6 +200,7 @@ class Probes:
                 continue
             mod = info.path.rsplit(".", 1)[0] if "." in info.path else info.path
             self.params.append((info.name, info.param))
+            self.paths.append(info.path)
             self.param_group.append(group_ix[info.group])
             self.param_module.append(module_ix.setdefault(mod, len(module_ix)))
         self.modules = list(module_ix)
@@ -202,6 +217,9 @@ class Probes:
             if w is not None:
                 self.shard_weights[i] = w
         self._shard_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hooked_groups: set[int] = set()  # groups whose root module has a forward hook (see attach)
+        self.never_fired = set(range(len(self.params)))  # trainable tensors that never got a gradient yet
+        self.on_crash: Callable[[Exception], None] | None = None  # told when the model's forward raises
         self.reset()
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -210,15 +228,17 @@ class Probes:
             return
         for i, (_, p) in enumerate(self.params):
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
-        if self.capture_batches:
-            self._handles.append(self.model.register_forward_pre_hook(self._pre_hook))
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_hook))
         self._handles.append(self.model.register_forward_hook(self._top_hook, with_kwargs=True))
+        # Also called when the forward raises: how a crashed run is told from a finished one.
+        self._handles.append(self.model.register_forward_hook(self._crash_hook, always_call=True))
         for gi, name in enumerate(self.group_names):
             defer = self.gmap.groups[name].role == "head"
             for module in self.gmap.roots.get(name, []):
                 if module is self.model:
                     continue
                 self._handles.append(module.register_forward_hook(self._group_hook(gi, defer)))
+                self.hooked_groups.add(gi)
 
     def own(self, handle: Any) -> None:
         """Keep ``handle`` (anything with ``remove()``) to be removed with the hooks on :meth:`detach`."""
@@ -243,8 +263,10 @@ class Probes:
         self.group_outputs: list[tuple[int, int, torch.Tensor | None]] = []  # (group, micro-batch, abs-max)
         self._deferred: list[tuple[int, torch.Tensor]] = []  # (index in group_outputs, a head's output)
         self.micro: list[MicroBatch] = []
+        self.ran: set[tuple[int, int]] = set()  # (group, micro-batch): the group's forward ran in a training forward
         self._pending_rng: dict[str, Any] = {}
         self._loss_upto = 0  # micro-batches already paired with a loss handed over by add_loss()
+        self._in_forward = False  # inside a training forward of the top model
 
     # -- hooks (collect only; an exception is contained by the guard) --------------------------------
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
@@ -297,10 +319,17 @@ class Probes:
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         # RNG state at the start of each forward, so a replay sees the same dropout masks.
         try:
-            if torch.is_grad_enabled():
+            self._in_forward = torch.is_grad_enabled()
+            if self._in_forward and self.capture_batches:
                 self._pending_rng = rng_state()
         except Exception as exc:
             self._fail(exc)
+
+    def _crash_hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        self._in_forward = False
+        error = sys.exc_info()[1]  # torch calls an always_call hook from its `except` when the forward raised
+        if out is None and isinstance(error, Exception) and self.on_crash is not None:
+            self.on_crash(error)
 
     def _top_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         try:
@@ -309,6 +338,9 @@ class Probes:
             mb = MicroBatch(index=len(self.micro))
             loss = find_loss(out)
             self.settle(_logits(out) if loss is not None else None)
+            # Every tensor of its output: a trainer may compute its own loss (from the logits, or TRL's fused
+            # log-probs) and never backpropagate through this one.
+            self._watch_backward(mb, loss, *_output_tensors(out))
             if loss is not None:
                 mb.loss = loss.detach().float()
             labels = kwargs.get("labels")
@@ -330,11 +362,30 @@ class Probes:
         except Exception as exc:
             self._fail(exc)
 
+    def _watch_backward(self, mb: MicroBatch, *tensors: torch.Tensor | None) -> None:
+        """Mark ``mb`` when backward flows through any of ``tensors`` (its loss, its output): a tensor hook that
+        returns nothing, so the gradients are untouched."""
+        watched = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not watched:
+            mb.backward = None  # nothing to watch: counted, as before
+            return
+
+        def seen(grad: torch.Tensor) -> None:
+            mb.backward = True
+
+        for t in watched:
+            t.register_hook(seen)
+
     def _group_hook(self, gi: int, defer: bool = False) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not torch.is_grad_enabled():
+            grad = torch.is_grad_enabled()
+            if not (grad or self._in_forward):
                 return  # evaluation / generation
             try:
+                # It ran in a training forward, even under an inner no_grad (then it cannot get a gradient).
+                self.ran.add((gi, len(self.micro)))
+                if not grad:
+                    return
                 t = primary_tensor(out)
                 if t is None:
                     return
@@ -376,10 +427,14 @@ class Probes:
         if len(self.micro) >= MAX_MICRO_BATCHES:
             self.reset()  # nobody calls check(): bound memory, as the forward hook does
         if len(self.micro) > self._loss_upto:
-            if self.micro[-1].loss is None:
-                self.micro[-1].loss = value
+            mb = self.micro[-1]
+            if mb.loss is None:
+                mb.loss = value
         else:
-            self.micro.append(MicroBatch(index=len(self.micro), loss=value))
+            mb = MicroBatch(index=len(self.micro), loss=value)
+            self.micro.append(mb)
+        if not mb.backward:  # the loss handed over is the one backward runs on
+            self._watch_backward(mb, loss)
         self._loss_upto = len(self.micro)
 
     def _fail(self, exc: BaseException) -> None:
@@ -478,8 +533,42 @@ class Probes:
 
     @property
     def idle(self) -> bool:
-        """Nothing was recorded since the last reset: no training forward, no gradient (no step to check)."""
-        return not self.micro and not self.grad_order and not self._unnormed
+        """No backward since the last reset: no gradient arrived and no micro-batch's backward ran (no step)."""
+        return not self.grad_order and not self._unnormed and all(m.backward is False for m in self.micro)
+
+    def prune(self) -> None:
+        """Forget the forwards whose backward did not run (an evaluation in train mode, without no_grad): they
+        are not training micro-batches, and their loss must not mix into the step's."""
+        dropped = [m.index for m in self.micro if m.backward is False]
+        if not dropped:
+            return
+        self.settle()
+
+        def moved(i: int) -> int:
+            return i - sum(d < i for d in dropped)
+
+        self.micro = [m for m in self.micro if m.backward is not False]
+        for i, m in enumerate(self.micro):
+            m.index = i
+        self.group_outputs = [(g, moved(m), v) for g, m, v in self.group_outputs if m not in dropped]
+        self.ran = {(g, moved(m)) for g, m in self.ran if m not in dropped}
+        self._loss_upto = len(self.micro)
+
+    def ran_per_group(self) -> list[bool | None]:
+        """Per group: whether its forward ran this step (None: no hook can tell, e.g. a group of loose
+        parameters such as BLIP-2's query tokens)."""
+        ran = {g for g, _ in self.ran}
+        return [(gi in ran) if gi in self.hooked_groups else None for gi in range(len(self.group_names))]
+
+    def unfired(self, fired: list[int]) -> dict[int, list[str]]:
+        """Per group that got some gradient this step (``fired``: :meth:`fired_per_group`): its trainable tensors
+        that never got one in this run."""
+        self.never_fired = {i for i in self.never_fired if self.grad_slots[i] is None}
+        out: dict[int, list[str]] = {}
+        for i in sorted(self.never_fired):
+            if fired[self.param_group[i]]:
+                out.setdefault(self.param_group[i], []).append(self.paths[i])
+        return out
 
     def fired_per_group(self) -> list[int]:
         counts = [0] * len(self.group_names)

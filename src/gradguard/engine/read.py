@@ -36,6 +36,7 @@ class StepReader:
         """This step's statistics; ``pending``: this rank has a stop decision to share with the others."""
         probes = self.probes
         probes.settle()  # heads' outputs no returned loss covered (a loss computed outside the model)
+        probes.prune()  # forwards without a backward are not training micro-batches
         device = probes.device
         norms = probes.local_norms(device)
         micro = probes.micro
@@ -92,6 +93,7 @@ class StepReader:
         inputs = [(m.index, k) for m in probes.micro for k, _ in m.inputs]
         outs = [(g, m) for g, m, v in probes.group_outputs if v is not None]
         fired = probes.fired_per_group()
+        unfired = probes.unfired(fired)
         return StepStats(
             step=step,
             losses=values["losses"],
@@ -103,6 +105,8 @@ class StepReader:
             group_nonfinite={n: int(r[1]) for n, r in zip(names, rows)},
             group_nonzero={n: int(r[2]) for n, r in zip(names, rows)},
             group_fired=dict(zip(names, fired)),
+            group_ran=dict(zip(names, probes.ran_per_group())),
+            group_unfired={names[g]: params for g, params in unfired.items()},
             scaler_active=scaler_active,
             loss_scale=values["scale"][0] if values["scale"] else None,
             params_bad=int(values["params_bad"][0]) if values["params_bad"] else None,

@@ -33,6 +33,8 @@ class StepStats:
     group_nonfinite: dict[str, int] = field(default_factory=dict)  # param tensors with a non-finite grad
     group_nonzero: dict[str, int] = field(default_factory=dict)  # param tensors with a non-zero grad
     group_fired: dict[str, int] = field(default_factory=dict)  # param tensors that received a grad
+    group_ran: dict[str, bool | None] = field(default_factory=dict)  # its forward ran (None: cannot tell)
+    group_unfired: dict[str, list[str]] = field(default_factory=dict)  # tensors that never got a gradient yet
     scaler_active: bool = False
     loss_scale: float | None = None
     params_bad: int | None = None  # trainable weight tensors holding a non-finite value (every N steps)

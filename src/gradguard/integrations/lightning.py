@@ -82,7 +82,9 @@ class GradGuardCallback(Options, Callback):
         options.report_dir = self.report_dir if self.report_dir is not None else trainer.log_dir
         options.console = self.console and trainer.is_global_zero
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16 "16-mixed" on GPU only
-        guard = Guard(self.watched_module(pl_module), optimizer, options=options, scaler=scaler, start=False)
+        # Lightning's fit loop checks should_stop before its first step: a static error stops it there, no raise.
+        module = self.watched_module(pl_module)
+        guard = Guard(module, optimizer, options=options, scaler=scaler, stops_before_first_step=True, start=False)
         if self._resume:
             guard.load_state_dict(self._resume)
         self.guard, self.report = guard, None
@@ -106,7 +108,7 @@ class GradGuardCallback(Options, Callback):
         self._close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()  # remove the hooks even when training dies (including our own TrainingHealthError)
+        self._close(exception)  # the report says how the run ended (our own TrainingHealthError is the fault)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
@@ -137,6 +139,6 @@ class GradGuardCallback(Options, Callback):
             return holders[0]
         return pl_module
 
-    def _close(self) -> None:
+    def _close(self, error: BaseException | None = None) -> None:
         if self.guard is not None and self.report is None:
-            self.report = self.guard.close()
+            self.report = self.guard.close(error)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +18,7 @@ from gradguard.codes import Severity, rule
 
 SCHEMA = "gradguard.report/1"
 Phase = Literal["static", "data", "forward", "backward", "optimizer"]
-Status = Literal["healthy", "fault"]
+Status = Literal["healthy", "fault", "aborted", "interrupted"]
 
 
 @dataclass
@@ -103,6 +103,8 @@ class Report:
     history: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    # How a run that did not finish ended: {"status", "type", "message", "last_step"} (see schema.json).
+    exit: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -134,6 +136,7 @@ class Report:
             groups=[GroupSummary(**g) for g in data.get("groups", [])],
             history=data.get("history", {}),
             environment=data.get("environment", {}),
+            exit=data.get("exit"),
         )
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -190,8 +193,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees a half-written file (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` to ``path`` so that a reader never sees a half-written file (temp file + rename).
+
+    The file gets the permissions any file the user creates gets (0666 minus the umask), not ``mkstemp``'s 0600.
+    """
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

@@ -152,7 +152,9 @@ def _fault_panel(report: Report) -> Panel:
     assert f is not None
     o = f.origin
     lines = Text()
-    lines.append(f"step {f.step}: {f.code} {f.kind}\n", style="bold red")
+    static = o.phase == "static"
+    when = "before step 1 (static check)" if static else f"step {f.step}"
+    lines.append(f"{when}: {f.code} {f.kind}\n", style="bold red")
     lines.append(f"{f.message}\n")
     where = o.module or o.group or "(unknown module)"
     trainable = {True: "trainable", False: "frozen", None: "unknown"}[o.trainable]
@@ -167,20 +169,34 @@ def _fault_panel(report: Report) -> Panel:
     for label, text in _localization_lines(f.localization):
         lines.append(f"{label}: ", style="bold")
         lines.append(f"{text}\n")
-    lines.append(
-        "weights: " + ("intact (the poisoned update was skipped)" if f.weights_intact else "MODIFIED") + "\n",
-        style="green" if f.weights_intact else "bold red",
-    )
+    lines.append("weights: " + _weights(report) + "\n", style="green" if f.weights_intact else "bold red")
     for key, value in f.evidence.items():
         lines.append(f"{key}: ", style="bold")
         lines.append(f"{value}\n")
     return Panel(lines, title="gradguard: fault", border_style="red")
 
 
+def _weights(report: Report) -> str:
+    f = report.fault
+    assert f is not None
+    if f.origin.phase == "static":
+        if not report.environment.get("steps"):
+            return "untouched (training stopped before its first step: nothing was trained)"
+        return "trained on (on_fault='warn': the static error did not stop the run)"
+    return "intact (the poisoned update was skipped)" if f.weights_intact else "MODIFIED"
+
+
+def _exit_line(report: Report) -> str:
+    e = report.exit or {}
+    return f"gradguard: {report.status} after step {e.get('last_step', 0)}: {e.get('type')}: {e.get('message')}"
+
+
 def console_renderable(report: Report) -> Group:
     parts: list[Any] = []
     if report.fault is not None:
         parts.append(_fault_panel(report))
+    elif report.exit:
+        parts.append(Text(_exit_line(report), style="bold red"))
     else:
         style = "green" if report.ok else "yellow"
         steps = report.history.get("steps") or []
@@ -228,18 +244,21 @@ def to_markdown(report: Report) -> str:
     if f is not None:
         o = f.origin
         trainable = {True: "trainable", False: "frozen", None: "unknown"}[o.trainable]
+        when = "before step 1 (static check)" if o.phase == "static" else f"at step {f.step}"
         out += [
-            f"## Fault at step {f.step}: `{f.code}` {f.kind}",
+            f"## Fault {when}: `{f.code}` {f.kind}",
             "",
             f.message,
             "",
             f"- **origin**: {o.phase} phase, `{o.module or o.group or '?'}` (group `{o.group}`, role "
             f"{o.role}, {trainable})" + (f", rank {o.rank}" if o.rank is not None else ""),
-            f"- **weights intact**: {'yes' if f.weights_intact else 'NO'}",
+            f"- **weights**: {_weights(report)}",
         ]
         out += [f"- **{label}**: {_md_escape(text)}" for label, text in _localization_lines(f.localization)]
         out += [f"- **{k}**: {v}" for k, v in f.evidence.items()]
         out.append("")
+    elif report.exit:
+        out += [_exit_line(report).removeprefix("gradguard: "), ""]
     if report.groups:
         norms = report.history.get("grad_norm") or {}
         out += [

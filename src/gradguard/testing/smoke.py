@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradguard.errors import TrainingHealthError
 from gradguard.report.model import Report
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -99,17 +100,20 @@ def smoke_test(
     rng = rng_state()
     was_training = model.training
     device = _device_of(model)
-    guard = Guard(
-        model,
-        optimizer,
-        expect_trainable=expect_trainable,
-        on_fault="stop",
-        report_dir=report_dir,
-        groups=groups,
-        thresholds=thresholds,
-        strict=strict,
-        console=console,
-    )
+    try:  # a static error (an expected group frozen, nothing trainable) stops it before the first step
+        guard = Guard(
+            model,
+            optimizer,
+            expect_trainable=expect_trainable,
+            on_fault="stop",
+            report_dir=report_dir,
+            groups=groups,
+            thresholds=thresholds,
+            strict=strict,
+            console=console,
+        )
+    except TrainingHealthError as stopped:
+        return Report.from_dict(stopped.report)
     try:
         model.train()
         it = _cycle(batches)
