@@ -869,7 +869,7 @@ class MiniCPMV2Config(PreTrainedConfig):
 class MiniCPMV2(PreTrainedModel, GenerationMixin):
     """MiniCPM-V 2.x-shaped VLM with the remote code's top-level children.
 
-    * ``vpm`` — ``SiglipVisionModel`` (vision tower),
+    * ``vpm`` — the SigLIP vision transformer (vision tower: ``vpm.encoder.layers.N``),
     * ``resampler`` — :class:`Resampler` (connector),
     * ``llm`` — ``Qwen2ForCausalLM`` (language model + ``lm_head``).
 
@@ -892,7 +892,11 @@ class MiniCPMV2(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         vision_config = cast(SiglipVisionConfig, config.vision_config)
         text_config = cast(Qwen2Config, config.text_config)
-        self.vpm = SiglipVisionModel(vision_config)
+        vpm = SiglipVisionModel(vision_config)
+        # MiniCPM-V's `vpm` is the bare SigLIP transformer (`vpm.embeddings`, `vpm.encoder.layers.N`,
+        # `vpm.post_layernorm`): transformers 5 flattened SiglipVisionModel into that; 4.x wraps it in
+        # `.vision_model`, so unwrap it there. One layout (and state-dict keys) on every release.
+        self.vpm = getattr(vpm, "vision_model", vpm)
         grid = cast(int, vision_config.image_size) // cast(int, vision_config.patch_size)
         self.resampler = Resampler(
             num_queries=config.num_query,
@@ -928,7 +932,7 @@ class MiniCPMV2(PreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encode ``(B, 3, H, W)`` images into ``(B, num_query, hidden)`` LLM-space tokens."""
-        pixel_values = pixel_values.to(self.vpm.dtype)
+        pixel_values = pixel_values.to(self.vpm.embeddings.patch_embedding.weight.dtype)
         vision = self.vpm(pixel_values=pixel_values).last_hidden_state
         return self.resampler(vision)
 
@@ -938,9 +942,14 @@ class MiniCPMV2(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
+        **loss_kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Run vision -> resampler -> LLM; returns the LLM's output (with ``.loss`` if ``labels``)."""
+        """Run vision -> resampler -> LLM; returns the LLM's output (with ``.loss`` if ``labels``).
+
+        The var-keyword is spelled ``loss_kwargs`` because transformers 4.46's Trainer passes
+        ``num_items_in_batch`` only to a forward with a ``**loss_kwargs`` (4.57 and 5.x accept any
+        ``**kwargs``): the step's loss is then token-weighted the same way on every release.
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             image_embeds = self.get_image_features(pixel_values).to(embeds.dtype)
@@ -949,7 +958,7 @@ class MiniCPMV2(PreTrainedModel, GenerationMixin):
             if n_tokens != n_features:
                 raise ValueError(f"{n_tokens} image placeholder tokens but {n_features} resampled image tokens")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **loss_kwargs)
 
 
 def tiny_minicpmv2(seed: int = 0) -> MiniCPMV2:
