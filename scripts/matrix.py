@@ -200,15 +200,34 @@ def local_torch_wheel() -> Path:
     return found[0]
 
 
+def find_python(version: str) -> str | None:
+    """A Python ``version`` interpreter that runs: on PATH, else pyenv's (whose shim for a version that is
+    installed but not selected is on PATH and fails, as on this project's machines)."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [
+        shutil.which(f"python{version}"),
+        *sorted(map(str, root.glob(f"versions/{version}.*/bin/python{version}"))),
+    ]
+    for exe in filter(None, candidates):
+        probe = [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]
+        try:
+            proc = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        except OSError:
+            continue
+        if proc.returncode == 0 and proc.stdout.strip() == version:
+            return exe
+    return None
+
+
 _EDITABLE = threading.Lock()  # setuptools writes src/gradguard.egg-info while it builds: one build at a time
 
 
 def install(leg: Leg, uv_exe: Path, torch_wheel: Path | None, results: Path) -> dict:
     start = time.monotonic()
     with open(results / f"{leg.name}.log", "w") as out:
-        python = shutil.which(f"python{leg.python}")
+        python = find_python(leg.python)
         if python is None:
-            out.write(f"python{leg.python} not found on PATH: the leg needs it\n")
+            out.write(f"no working python{leg.python} (PATH, pyenv): the leg needs it\n")
             return {"install_rc": 127, "install_s": 0.0}
         if leg.venv.exists():
             shutil.rmtree(leg.venv)  # a leg is always built from its pins alone

@@ -61,7 +61,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 try:  # transformers 5 spells it PreTrainedConfig; 4.x only has PretrainedConfig (5.x keeps that as an alias)
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover - transformers 4.x
-    from transformers import PretrainedConfig as PreTrainedConfig  # type: ignore[attr-defined,no-redef]
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 if TYPE_CHECKING:
     from transformers import (
@@ -507,7 +507,7 @@ def _qwen_vl_text() -> dict[str, Any]:
     return _text(**_rope(mrope_section=[2, 3, 3]))
 
 
-def _with_text(config_cls: type[PreTrainedConfig], text: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
+def _with_text(config_cls: Any, text: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
     """``config_cls(text_config=text, **kwargs)``, or the text fields flat where the config has no
     ``text_config`` (Qwen2-VL before transformers 4.52 kept its decoder's fields at the top level)."""
     if "text_config" in (getattr(config_cls, "sub_configs", None) or {}):
@@ -853,7 +853,7 @@ class MiniCPMV2Config(PreTrainedConfig):
         self.num_query = num_query
         self.resampler_heads = resampler_heads
         self.image_token_id = image_token_id
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(**{"tie_word_embeddings": tie_word_embeddings, **kwargs})
 
     @property
     def hidden_size(self) -> int:
