@@ -17,11 +17,20 @@ Public API
   models (prompt and image-placeholder positions are ``-100``).
 * :class:`TinyDataset`: single-sample dicts for a HF ``Trainer`` with its
   default data collator.
-* :data:`FAMILIES`: one :class:`Family` record per family with its factory, the
-  role of each component (``vision`` / ``connector`` / ``language`` / ``head``
-  / ``other``), LoRA target names and whether the ``Trainer`` needs
-  ``remove_unused_columns=False``.
+* :data:`FAMILIES`: one :class:`Family` record per family the installed transformers
+  can build, with its factory, the role of each component (``vision`` / ``connector``
+  / ``language`` / ``head`` / ``other``) at the module paths of the installed layout,
+  LoRA target names and whether the ``Trainer`` needs ``remove_unused_columns=False``.
+* :data:`SKIPPED` (family -> why not, e.g. ``"transformers 4.46.3 has no Gemma3Config"``)
+  and :func:`available`: what this transformers cannot build, and what it can.
 * :func:`group_of`: longest-prefix lookup of a parameter name in a ``roles`` map.
+
+Works on every transformers release gradguard supports (4.46.3 to 5.x): classes are
+imported per family, config differences (``PreTrainedConfig`` / ``PretrainedConfig``,
+``rope_parameters`` / ``rope_scaling``, flat or nested text configs) are handled by
+feature, and :attr:`Family.roles` follows the module layout actually built (before
+4.52, LLaVA-style models keep their components at the top level).  See
+``docs/versions.md``.
 
 Token-id conventions (all families share ``vocab_size=256``): ``0`` pad, ``1``
 BOS, ``2`` EOS; the ids from :data:`IMAGE_TOKEN_ID` (255) downwards are
