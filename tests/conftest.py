@@ -19,6 +19,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_accelerate_env():
+    """transformers 4.x's ``TrainingArguments(bf16=True)`` sets ``ACCELERATE_MIXED_PRECISION=bf16`` in
+    ``os.environ`` and never unsets it, so every later fp32 Trainer in the process trains in bf16 (TRL's
+    ``SFTConfig`` defaults to bf16). 5.x does not. Each test leaves the ``ACCELERATE_*`` variables as it found them."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
+
+
 def trainer_args(tmp_path, **overrides):
     """TrainingArguments for a short, quiet CPU run (imported lazily: transformers is heavy)."""
     from transformers import TrainingArguments

@@ -23,7 +23,7 @@ from gradguard.engine.trace import Recorder, locate
 from gradguard.report.model import Origin, Report
 from gradguard.report.render import to_markdown, to_text
 from gradguard.testing.faults import inject_nan
-from gradguard.testing.models import TinyDataset, make_batch, tiny_llama, tiny_llava, tiny_minicpmv2
+from gradguard.testing.models import FAMILIES, TinyDataset, make_batch, tiny_llama, tiny_llava, tiny_minicpmv2
 
 
 def train(model: nn.Module, tmp_path, callback: GradGuard, **args: Any) -> Trainer:
@@ -79,11 +79,12 @@ def test_connector_fault_is_localised_to_the_resampler_sub_module(tmp_path) -> N
 
 def test_llava_projector_linear_is_localised(tmp_path) -> None:
     model = tiny_llava()
-    with inject_nan(model.model.multi_modal_projector.linear_2, start=2):
+    (projector,) = FAMILIES["llava"].paths("connector")  # transformers 5 (and >= 4.52): model.multi_modal_projector
+    with inject_nan(model.get_submodule(f"{projector}.linear_2"), start=2):
         train(model, tmp_path, GradGuard(console=False, strict=True), max_steps=2)
     loc = localization(tmp_path)
-    assert loc["module"] == "model.multi_modal_projector.linear_2"
-    assert (loc["group"], loc["role"], loc["verdict"]) == ("model.multi_modal_projector", "connector", "deterministic")
+    assert loc["module"] == f"{projector}.linear_2"
+    assert (loc["group"], loc["role"], loc["verdict"]) == (projector, "connector", "deterministic")
 
 
 def test_head_output_is_judged_by_the_loss_and_a_nan_there_is_still_localised(tmp_path) -> None:
@@ -128,13 +129,18 @@ def test_backward_only_nan_is_localised_to_its_decoder_layer(tmp_path) -> None:
 
 def test_fault_in_a_frozen_vision_layer_is_localised_with_trainable_false(tmp_path) -> None:
     model = tiny_llava()
-    model.model.vision_tower.requires_grad_(False)
-    with inject_nan(model.model.vision_tower.encoder.layers[0], start=2):
+    (tower,) = FAMILIES["llava"].paths("vision")  # transformers 5 (and >= 4.52): model.vision_tower
+    model.get_submodule(tower).requires_grad_(False)
+    # transformers 4.x's CLIPVisionModel wraps its encoder in `.vision_model`; 5.x's does not
+    layer = next(
+        name for name, _ in model.named_modules() if name.startswith(tower) and name.endswith("encoder.layers.0")
+    )
+    with inject_nan(model.get_submodule(layer), start=2):
         train(model, tmp_path, GradGuard(console=False, strict=True), max_steps=2)
     loc = localization(tmp_path)
-    assert loc["module"] == "model.vision_tower.encoder.layers.0" and loc["class"] == "CLIPEncoderLayer"
+    assert loc["module"] == layer and loc["class"] == "CLIPEncoderLayer"
     assert (loc["group"], loc["role"], loc["trainable"], loc["phase"]) == (
-        "model.vision_tower",
+        tower,
         "vision",
         False,
         "forward",

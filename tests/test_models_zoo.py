@@ -7,16 +7,21 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
+from gradguard.testing import models
 from gradguard.testing.models import (
     FAMILIES,
     IMAGE_TOKEN_ID,
     ROLES,
+    SKIPPED,
     Family,
     MiniCPMV2,
+    MiniCPMV2Config,
     TinyDataset,
+    available,
     family_of,
     group_of,
     make_batch,
@@ -24,7 +29,17 @@ from gradguard.testing.models import (
     tiny_minicpmv2,
 )
 
-FAMILY_NAMES = sorted(FAMILIES)
+# Every family the zoo knows; the ones the installed transformers lacks are reported as skipped, with the reason.
+FAMILY_NAMES = [
+    *sorted(FAMILIES),
+    *(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {why}")) for name, why in sorted(SKIPPED.items())),
+]
+ALL_FAMILIES = {
+    "llama", "qwen2", "minicpmv2", "llava", "minicpmv4_6", "idefics2", "idefics3", "smolvlm",
+    "qwen2_vl", "qwen2_5_vl", "blip2", "paligemma", "gemma3", "internvl", "mllama",
+}  # fmt: skip
+# What the oldest supported transformers (4.46) already has: never skipped.
+ALWAYS = {"llama", "qwen2", "minicpmv2", "llava", "idefics2", "idefics3", "qwen2_vl", "blip2", "paligemma", "mllama"}
 
 
 def _forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,6 +69,7 @@ def _check_grads(model: torch.nn.Module, family: Family) -> None:
 def test_family_builds_trains_and_is_covered(name: str) -> None:
     family = FAMILIES[name]
     assert family.name == name
+    family.roles  # noqa: B018 - resolving the layout imports the family's modules: time the build, not the import
     start = time.perf_counter()
     model = family.build()
     assert time.perf_counter() - start < 2.0, "tiny model took too long to build"
@@ -117,6 +133,68 @@ def test_dataset_with_default_collator(name: str) -> None:
     assert ds[0]["input_ids"].shape == (24,)
     batch = default_data_collator([ds[i] for i in range(3)])
     _forward_backward(model, batch)
+
+
+def test_the_zoo_tells_what_it_can_build_and_why_not() -> None:
+    assert available() == sorted(FAMILIES)
+    assert set(FAMILIES) | set(SKIPPED) == ALL_FAMILIES
+    assert not set(FAMILIES) & set(SKIPPED)
+    assert set(FAMILIES) >= ALWAYS, f"skipped on transformers {transformers.__version__}: {dict(SKIPPED)}"
+    for name, why in SKIPPED.items():
+        assert transformers.__version__ in why, why
+        # A skip is honest only if the family really cannot be built here, not because its build broke.
+        with pytest.raises(ImportError):
+            getattr(models, f"tiny_{name}")()
+    with pytest.raises(KeyError):
+        FAMILIES["nope"]
+
+
+_TOP_LEVEL = {"multi_modal_projector", "language_model.model", "language_model.lm_head"}
+LEGACY_ROLES = {  # transformers < 4.52: the components at the top level
+    "llava": {"vision_tower", *_TOP_LEVEL},
+    "paligemma": {"vision_tower", *_TOP_LEVEL},
+    "mllama": {"vision_model", *_TOP_LEVEL},
+    "qwen2_vl": {"visual", "visual.merger", "model", "lm_head"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY_ROLES))
+def test_roles_name_the_components_of_the_installed_layout(name: str) -> None:
+    family = FAMILIES[name]
+    model = family.build()
+    vision_attr = next(p for p, r in family.layout.items() if r == "vision").split(".")[-1]
+    legacy = not hasattr(getattr(model, "model", None), vision_attr)  # 5.x: model.<vision>, 4.x: <vision>
+    assert set(family.roles) == (LEGACY_ROLES[name] if legacy else set(family.layout))
+    (vision,), (language,), (head,) = family.paths("vision"), family.paths("language"), family.paths("head")
+    assert "Vision" in type(model.get_submodule(vision)).__name__
+    assert hasattr(model.get_submodule(language), "embed_tokens")
+    lm_head = model.get_submodule(head)
+    assert isinstance(lm_head, torch.nn.Linear) and lm_head.out_features == models.VOCAB_SIZE
+    for prefix in family.no_grad_params:
+        assert any(n.startswith(prefix + ".") for n, _ in model.named_parameters()), prefix
+
+
+def test_minicpmv2_config_round_trips_through_save_and_load(tmp_path) -> None:
+    config = MiniCPMV2Config(num_query=4, vision_config={"hidden_size": 16, "intermediate_size": 32,
+                                                         "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                         "image_size": 32, "patch_size": 8})  # fmt: skip
+    assert config.vision_config.hidden_size == 16 and config.text_config.hidden_size == 64
+    assert config.hidden_size == 64 and config.vocab_size == models.VOCAB_SIZE
+    as_dict = config.to_dict()
+    assert as_dict["vision_config"]["hidden_size"] == 16 and as_dict["num_query"] == 4
+    torch.manual_seed(0)
+    model = MiniCPMV2(config)
+    model.save_pretrained(tmp_path)
+    loaded = MiniCPMV2.from_pretrained(tmp_path)
+    assert isinstance(loaded.config, MiniCPMV2Config)
+    assert loaded.config.num_query == 4 and loaded.config.vision_config.hidden_size == 16
+    assert type(loaded.config.text_config) is type(config.text_config)
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(loaded.resampler.pos_embed, model.resampler.pos_embed)  # non-persistent: rebuilt on load
+    batch = make_batch(loaded, batch_size=1, seq_len=12)
+    assert torch.isfinite(loaded(**batch).loss)
 
 
 def test_seeding_is_deterministic() -> None:
