@@ -57,6 +57,7 @@ CORE_TESTS = [
     "tests/test_localize.py",
     "tests/test_integrations_loops.py",
     "tests/test_models_zoo.py",
+    "tests/test_cli.py",
 ]
 # What the core suite needs beyond gradguard and the pinned stack (floats to the newest compatible release).
 TEST_DEPS = ["pytest>=8,<10", "jsonschema>=4.20,<5", "matplotlib>=3.7.0,<4", "lightning>=2.4.0,<3", "datasets"]

@@ -148,13 +148,14 @@ def _register_testing_models(model_type: str) -> None:
     """Make gradguard's own tiny test models (``model_type`` ``gradguard_*``) loadable by the Auto classes."""
     if not model_type.startswith("gradguard_"):
         return
-    from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+    from transformers import AutoConfig, AutoModel, PreTrainedModel
 
     models = importlib.import_module("gradguard.testing.models")
+    PreTrainedConfig = models.PreTrainedConfig  # transformers 4.x spells it PretrainedConfig
     for obj in vars(models).values():
         if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj is not PreTrainedModel:
             cfg = getattr(obj, "config_class", None)
-            if isinstance(cfg, type) and issubclass(cfg, PreTrainedConfig) and cfg.model_type == model_type:
+            if isinstance(cfg, type) and issubclass(cfg, PreTrainedConfig) and getattr(cfg, "model_type", None) == model_type:
                 AutoConfig.register(model_type, cfg, exist_ok=True)
                 AutoModel.register(cfg, obj, exist_ok=True)
 
