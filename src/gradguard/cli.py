@@ -155,7 +155,11 @@ def _register_testing_models(model_type: str) -> None:
     for obj in vars(models).values():
         if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj is not PreTrainedModel:
             cfg = getattr(obj, "config_class", None)
-            if isinstance(cfg, type) and issubclass(cfg, PreTrainedConfig) and getattr(cfg, "model_type", None) == model_type:
+            if (
+                isinstance(cfg, type)
+                and issubclass(cfg, PreTrainedConfig)
+                and getattr(cfg, "model_type", None) == model_type
+            ):
                 AutoConfig.register(model_type, cfg, exist_ok=True)
                 AutoModel.register(cfg, obj, exist_ok=True)
 

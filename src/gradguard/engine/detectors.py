@@ -144,9 +144,12 @@ def _nonfinite_fault(
     elif stats.losses:
         kind, what = "nonfinite_grad", "the loss is finite but gradients are not"
     else:  # never say what was not observed: the loss may be NaN too
-        kind, what = "nonfinite_grad", (
-            "gradients are not finite (the loss was not recorded: pass it with `guard.record_loss(loss)` to tell a "
-            "NaN loss from a NaN gradient)"
+        kind, what = (
+            "nonfinite_grad",
+            (
+                "gradients are not finite (the loss was not recorded: pass it with `guard.record_loss(loss)` to tell a "
+                "NaN loss from a NaN gradient)"
+            ),
         )
     if bad_grads:
         evidence["groups with non-finite gradients"] = ", ".join(f"{g} ({n} tensors)" for g, n in bad_grads.items())
