@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -51,3 +52,15 @@ def trainer_args(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_guard_left_open(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every guard a test opens is closed by the end of it (hooks off, report written): one left open would leak
+    hooks and signal handlers into the next test. Closed here either way, so the next test starts clean."""
+    yield
+    from gradguard.engine import shutdown
+
+    left = shutdown.open_guards()
+    shutdown.close_all()
+    assert not left, f"{request.node.nodeid} left {len(left)} gradguard guard(s) open"

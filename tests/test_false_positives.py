@@ -1,5 +1,9 @@
 """The false-positive budget: healthy training set-ups must produce no error and no warning.
 
+More healthy look-alikes live beside the failures they resemble: text-only batches in VLM data
+(tests/test_reliability_truth.py), evaluation forwards in train mode, memorising four examples for 300 steps and
+a warm-up from learning rate 0 (tests/test_finite_failures.py).
+
 Every detector added to gradguard has to stay quiet on all of these (a parametrized test, so a new
 detector runs against each). The runs are long enough (25-30 optimizer steps) for the trend detectors
 to be past their warm-up (20 steps), and vary what a detector might mistake for a fault: family, LoRA /
@@ -61,6 +65,26 @@ HEALTHY: list[tuple[str, Config, dict[str, Any], Any]] = [
         None,
     ),
     ("minicpmv2-full-ckpt-accum2", Config("minicpmv2", checkpointing=True, accum=2, steps=25), {}, None),
+    ("llama-lora-ckpt", Config("llama", lora=True, checkpointing=True, lr=1e-3, steps=25), {}, None),
+    (
+        "llama-lora-ckpt-reentrant",
+        Config(
+            "llama",
+            lora=True,
+            checkpointing=True,
+            lr=1e-3,
+            steps=25,
+            extra={"gradient_checkpointing_kwargs": {"use_reentrant": True}},
+        ),
+        {},
+        None,
+    ),
+    (
+        "llama-compiled",
+        Config("llama", steps=25, extra={"torch_compile": True, "torch_compile_backend": "aot_eager"}),
+        {},
+        None,
+    ),
 ]
 
 

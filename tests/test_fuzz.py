@@ -397,5 +397,6 @@ def test_fuzz_guarded_training(spec: ModelSpec) -> None:
     assert report.ok == (not errors and report.fault is None)
     # healthy: finite, supervised by construction; side branches and frozen paths only warn
     assert not errors and report.status == "healthy" and all(went_on), report.findings
-    quiet = ("dead_gradient", "fp16_trainable", "partial_freeze", "unused_params", "idle_group")
+    # Arbitrary losses on arbitrary structures: the sizes of their updates say nothing of health.
+    quiet = ("dead_gradient", "fp16_trainable", "partial_freeze", "unused_params", "idle_group", "update_too_large")
     assert not [f for f in report.findings if f.kind not in quiet]

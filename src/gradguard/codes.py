@@ -451,6 +451,90 @@ model.model.vision_tower.vision_model.encoder.layers[-1].requires_grad_(False)  
 """,
     ),
     Rule(
+        "GG114",
+        "loss_divergence",
+        "error",
+        "the loss has diverged, with every number finite",
+        "For `divergence_steps` steps in a row (default 3) the raw loss was far above where a sane run can be: "
+        "`chance_factor` (2) times the loss of guessing uniformly over the vocabulary (`ln V`, when the loss is a "
+        "cross-entropy over the logits' last dimension), or, without a vocabulary, `divergence_ratio` (10) times "
+        "the run's first loss. No warm-up: it can fire from step 2. The first such step is a GG107 warning.",
+        "A cross-entropy starts near `ln V` with random weights and only falls in a fine-tune: a loss several "
+        "times above it means the model is confidently wrong, and every further step burns budget. NaN comes "
+        "later, or never; spike detectors that compare against the run's own median wait for a warm-up and then "
+        "compare against a median that has already diverged.",
+        """
+TrainingArguments(learning_rate=1.0)      # a typo for 1e-4: losses 5.6, 22, 16, 28, 31 ... never NaN
+""",
+        """
+TrainingArguments(learning_rate=1e-4, warmup_ratio=0.03, max_grad_norm=1.0)
+# to be warned only, not stopped:
+GradGuard(severity={"loss_divergence": "warning"})
+""",
+        "A custom loss that is not a cross-entropy over the logits (a regression, a contrastive loss) is judged "
+        "against its first value only.",
+    ),
+    Rule(
+        "GG115",
+        "no_update",
+        "warning",
+        "the weights of a trainable group do not move",
+        "For `no_update_steps` optimizer steps in a row (default 5) the update changed a trainable group's "
+        "weights by less than `no_update_ratio` (1e-8) of their norm, while gradients arrived and the learning "
+        "rate was neither warming up nor decayed to under half its peak. Also reported before step 1 when the "
+        "set-up makes it certain: a learning rate of 0 for a param group holding trainable tensors, LoRA with a "
+        "scaling of 0 (`lora_alpha=0`), or (HF Trainer) a warm-up longer than the run. An error at runtime for a "
+        "group named in `expect_trainable`.",
+        "Nothing looks wrong in any log: gradients are finite and non-zero, the loss is flat or drifts with the "
+        "data. The model just does not learn, for the whole budget.",
+        """
+TrainingArguments(max_steps=20, warmup_steps=10**6)    # a warm-up given in steps where a ratio was meant
+TrainingArguments(learning_rate=0)
+LoraConfig(r=8, lora_alpha=0)                          # scaling = lora_alpha / r = 0
+""",
+        """
+TrainingArguments(max_steps=20, warmup_ratio=0.1, learning_rate=1e-4)
+LoraConfig(r=8, lora_alpha=16)
+""",
+        "The ratio is measured on a fixed sample of each group's tensors (up to 16 tensors, 1024 values each): an "
+        "update that moves only parameters outside the sample is not seen.",
+    ),
+    Rule(
+        "GG116",
+        "update_too_large",
+        "warning",
+        "one update rewrites a large part of the weights",
+        "An optimizer step moved a trainable group's weights by more than `update_too_large` (0.5) of their "
+        "norm. Healthy fine-tunes move them by about 1e-3 per step.",
+        "Such a step erases what the weights knew; it usually comes with a learning rate that is orders of "
+        "magnitude too high, and precedes a divergence (GG114).",
+        """
+torch.optim.AdamW(model.parameters(), lr=1.0)
+""",
+        """
+torch.optim.AdamW(model.parameters(), lr=1e-4)   # with warm-up and clipping
+""",
+        "Weights that start at exactly zero (LoRA's B) have no norm to compare to: they are judged with the "
+        "rest of their group.",
+    ),
+    Rule(
+        "GG117",
+        "not_learning",
+        "error",
+        "the set-up cannot learn a single repeated batch",
+        "`smoke_test(..., expect_learning=True)` trained on one batch over and over and the loss did not fall "
+        "by the stated factor (default: to 0.8 of its first value) within the steps given.",
+        "Overfitting one batch is the oldest sanity check in deep learning: a set-up that cannot do it will not "
+        "learn anything else. A CI smoke test that only checks for NaN passes on a model whose weights never "
+        "move. The finding carries each group's update-to-weight ratio, which says which part did not move.",
+        """
+smoke_test(model, [batch], steps=20, optimizer=torch.optim.AdamW(params, lr=0), expect_learning=True)
+""",
+        """
+smoke_test(model, [batch], steps=20, expect_learning=True)   # AdamW(lr=1e-3) by default
+""",
+    ),
+    Rule(
         "GG901",
         "internal_error",
         "warning",

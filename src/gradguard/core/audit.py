@@ -210,6 +210,8 @@ def audit_requires_grad(
         *check_partial_freeze(gmap),
         *check_dtypes(gmap),
         *check_meta(gmap),
+        *(check_learning_rates(gmap, optimizer) if optimizer is not None else []),
+        *check_adapter_scaling(model, gmap),
     ]
     return Audit(groups=list(summaries.values()), findings=findings, group_map=gmap)
 
@@ -435,4 +437,55 @@ def check_meta(gmap: GroupMap) -> list[Finding]:
             "load_checkpoint_and_dispatch, or to_empty + init)",
             phase="static",
         )
+    ]
+
+
+def check_learning_rates(gmap: GroupMap, optimizer: Any) -> list[Finding]:
+    """A learning rate of exactly 0 for a param group holding trainable tensors: they will never move."""
+    findings = []
+    for k, pg in enumerate(getattr(optimizer, "param_groups", None) or []):
+        lr = pg.get("lr")
+        # A scheduler's warm-up from 0 starts at lr 0 too: `initial_lr` (set by torch's schedulers) says where to.
+        if not isinstance(lr, (int, float)) or lr != 0 or pg.get("initial_lr"):
+            continue
+        ids = {id(p) for p in pg.get("params", []) if getattr(p, "requires_grad", False)}
+        groups = [g.name for g in gmap if any(id(p.param) in ids for p in g.params)]
+        if groups:
+            findings.append(
+                Finding.of(
+                    "no_update",
+                    f"the optimizer's param group {k} has learning rate 0 and holds trainable tensors of "
+                    f"{', '.join(groups)}: they will never move",
+                    "set the learning rate (TrainingArguments(learning_rate=...)), or freeze what should not train",
+                    groups[0] if len(groups) == 1 else None,
+                    phase="static",
+                )
+            )
+    return findings
+
+
+def check_adapter_scaling(model: nn.Module, gmap: GroupMap) -> list[Finding]:
+    """LoRA layers whose scaling (``lora_alpha / r``) is 0: the adapters add nothing, so they get no gradient and
+    never move. Duck-typed on PEFT's ``scaling`` dict (gradguard never imports peft)."""
+    zero: dict[str, set[str]] = {}
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if not isinstance(scaling, dict) or not hasattr(module, "lora_A"):
+            continue
+        adapters = {name for name, value in scaling.items() if isinstance(value, (int, float)) and value == 0}
+        if not adapters:
+            continue
+        first = next((p for p in module.parameters() if p.requires_grad), None)
+        group = gmap.group_of(first) if first is not None else None
+        zero.setdefault(group.name if group else "?", set()).update(adapters)
+    return [
+        Finding.of(
+            "no_update",
+            f"{name}: its LoRA adapter(s) {', '.join(sorted(adapters))} have scaling 0 (lora_alpha=0): they add "
+            "nothing to the output, get no gradient and will never move",
+            "set lora_alpha (commonly 2 x r, e.g. LoraConfig(r=8, lora_alpha=16))",
+            None if name == "?" else name,
+            phase="static",
+        )
+        for name, adapters in zero.items()
     ]

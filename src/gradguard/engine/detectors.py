@@ -34,7 +34,17 @@ class Thresholds:
     idle_steps: int = 50  # consecutive steps without a forward before a trainable group is called idle (info)
     collapse_steps: int = 5  # consecutive near-zero loss steps before "collapse"
     collapse_fraction: float = 1e-3  # "near zero" = below this fraction of the starting loss
+    collapse_drop: float = 10.0  # a collapse is sudden (labels leaking) when the loss fell this much in 3 steps
     scaler_skips: int = 8  # consecutive fp16 skipped steps before the loss scale counts as collapsed
+    # Divergence from the first steps (before any warm-up of the robust statistics):
+    divergence_steps: int = 3  # consecutive diverged steps before loss_divergence (an error)
+    chance_factor: float = 2.0  # a loss over a vocabulary this far above ln(V) is worse than guessing
+    divergence_ratio: float = 10.0  # … or this far above the run's own first losses
+    early_explosion_ratio: float = 100.0  # a gradient norm this far above its first steps' median
+    # The update-to-weight ratio |dW| / |W| of each trainable group, per optimizer step:
+    no_update_ratio: float = 1e-8  # below this, the weights do not move (lr 1e-8 moves them by ~3e-8)
+    no_update_steps: int = 5  # consecutive steps that small (at a learning rate that is not warming up)
+    update_too_large: float = 0.5  # above this, one step rewrites a large part of the weights
 
     @classmethod
     def from_dict(cls, data: Thresholds | Mapping[str, Any] | None) -> Thresholds:
@@ -68,7 +78,15 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "idle_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "collapse_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "collapse_fraction": (lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)"),
+    "collapse_drop": (lambda v: v > 1, "a number > 1"),
     "scaler_skips": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "divergence_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "chance_factor": (lambda v: v > 1, "a number > 1"),
+    "divergence_ratio": (lambda v: v > 1, "a number > 1"),
+    "early_explosion_ratio": (lambda v: v > 1, "a number > 1"),
+    "no_update_ratio": (lambda v: v >= 0, "a number >= 0"),
+    "no_update_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "update_too_large": (lambda v: v > 0, "a number > 0"),
 }
 
 

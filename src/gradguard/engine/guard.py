@@ -17,6 +17,7 @@ diagnose(stats)`` (pure detectors, plus the replay on a fault) -> ``action = pol
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -164,6 +165,7 @@ class Guard:
             assert gmap is not None
             expected = {g.name for selector in opts.expected for g in gmap.match(selector)}
             self.contexts = {g.name: GroupContext(g.name, g.role, g.trainable, g.name in expected) for g in gmap}
+            audit.findings[:] = [opts.rated(f) for f in audit.findings]
             if self.amend_hints is not None:
                 self.amend_hints(audit.findings, {name: c.role for name, c in self.contexts.items()})
             self.journal.add(audit.findings)
@@ -180,7 +182,10 @@ class Guard:
             probes.attach()
             # Norms batched per backward only in one process with whole gradients (see engine.probes).
             probes.batched = distributed.world() == 1 and not probes.shard_weights
-            self.reader = StepReader(self.model, probes, scaler=self.scaler, param_check_every=self.param_check_every)
+            every = self.param_check_every
+            self.reader = StepReader(
+                self.model, probes, optimizer=self.optimizer, scaler=self.scaler, param_check_every=every
+            )
             if opts.localize or opts.trace:
                 from gradguard.engine.trace import Tracer
 
@@ -210,7 +215,7 @@ class Guard:
         self.journal.ended(error or self._crash, self.step, signal)
         if not self.disabled and self.step:
             try:
-                self.journal.add(self.trends.finish(self.contexts))
+                self.journal.add(map(self.options.rated, self.trends.finish(self.contexts)))
                 if not params_finite(self.model) and not any(f.kind == "nonfinite_param" for f in self.findings):
                     self.journal.add([detectors.nonfinite_params(self.step, "after")])
             except Exception as exc:
@@ -308,7 +313,9 @@ class Guard:
         assert probes is not None and reader is not None
         first_bad = None if stats.grads_finite else probes.first_nonfinite_grad()
         local = detectors.diagnose(stats, self.contexts, first_bad)
-        trends = self.trends.update(stats, self.contexts)
+        if local is not None:
+            local = dataclasses.replace(local, finding=self.options.rated(local.finding))
+        trends = [self.options.rated(f) for f in self.trends.update(stats, self.contexts)]
         self.journal.add(trends)
         if stats.params_bad:
             self.journal.add([detectors.nonfinite_params(stats.step)])

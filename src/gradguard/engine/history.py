@@ -26,7 +26,8 @@ class History:
             self.rows = [r for r in self.rows if r["step"] % self.stride == 0]
 
     def to_dict(self, groups: list[str]) -> dict[str, Any]:
-        """Column form for the report: ``steps``, ``loss``, ``supervised_tokens``, ``grad_norm[group]``."""
+        """Column form for the report: ``steps``, ``loss``, ``supervised_tokens``, ``grad_norm[group]``,
+        ``update_ratio[group]`` (|dW| / |W| of the update before that step's check)."""
         rows = self.rows
         return {
             "stride": self.stride,
@@ -34,6 +35,7 @@ class History:
             "loss": [r.get("loss") for r in rows],
             "supervised_tokens": [r.get("supervised") for r in rows],
             "grad_norm": {g: [r.get("norms", {}).get(g) for r in rows] for g in groups},
+            "update_ratio": {g: [r.get("updates", {}).get(g) for r in rows] for g in groups},
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class Journal:
             "loss": loss,
             "supervised": sum(n for n in s.supervised if n is not None) if s.supervised else None,
             "norms": dict(s.group_norm),
+            "updates": dict(s.update_ratio),
         }
         self.history.add(s.step, row)
         self.recent.append({"step": s.step, **row})

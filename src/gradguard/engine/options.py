@@ -8,14 +8,17 @@ is built, not after the data has loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from gradguard.codes import Severity, rule
 from gradguard.engine.detectors import Thresholds
 from gradguard.engine.policy import ON_FAULT, OnFault
 from gradguard.errors import ConfigurationError
+from gradguard.report.model import Finding
 
 
 @dataclass(eq=False)
@@ -36,6 +39,8 @@ class Options:
         console: print the summary at the end of the run.
         localize: on a non-finite fault, replay the step to name the exact module.
         trace: ``"full"``: check every module's output on every step (for faults a replay cannot reproduce).
+        severity: a finding kind's (or code's) severity, changed: ``{"loss_divergence": "warning"}`` warns
+            instead of stopping; ``{"GG002": "error"}`` makes a trainable group you did not list stop the run.
 
     >>> Options(on_fault="halt")
     Traceback (most recent call last):
@@ -52,6 +57,7 @@ class Options:
     console: bool = True
     localize: bool = True
     trace: Literal["full"] | None = None
+    severity: Mapping[str, Severity] | None = None
 
     def __post_init__(self) -> None:
         self.check_options()
@@ -75,6 +81,21 @@ class Options:
                 f"{{'vision_encoder.*': 'vision'}}; got {type(self.groups).__name__}"
             )
         Thresholds.from_dict(self.thresholds)
+        for key, level in (self.severity or {}).items():
+            try:
+                rule(key)
+            except KeyError:
+                raise ConfigurationError(
+                    f"severity: unknown finding {key!r}; use a kind or a code (gradguard explain lists them)"
+                ) from None
+            if level not in ("error", "warning", "info"):
+                raise ConfigurationError(f"severity[{key!r}] must be 'error', 'warning' or 'info', got {level!r}")
+
+    def rated(self, finding: Finding) -> Finding:
+        """``finding`` with the severity the user asked for its kind, if they asked."""
+        wanted = self.severity or {}
+        level = wanted.get(finding.kind, wanted.get(finding.code))
+        return dataclasses.replace(finding, severity=level) if level and level != finding.severity else finding
 
     @property
     def expected(self) -> list[str]:

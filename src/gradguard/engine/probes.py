@@ -164,6 +164,7 @@ class MicroBatch:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
+    vocab: int | None = None  # width of the logits a cross-entropy over integer labels ran over (its chance level)
     # Whether its backward ran (a hook on its loss, or output, fired). A forward without a backward (an evaluation
     # in train mode without torch.no_grad) is not a training micro-batch. None: nothing to watch (no tensor of it
     # requires grad), counted as before.
@@ -346,6 +347,9 @@ class Probes:
             labels = kwargs.get("labels")
             if isinstance(labels, torch.Tensor):
                 mb.supervised = (labels != IGNORE_INDEX).sum()
+                logits = _logits(out)
+                if logits is not None and not labels.is_floating_point() and logits.dim() >= 2:
+                    mb.vocab = int(logits.shape[-1])
                 items = kwargs.get("num_items_in_batch")
                 if items is not None and mb.loss is not None:
                     mb.loss, mb.loss_weight = own_mean_loss(module, mb.loss, labels, kwargs.get("shift_labels"), items)

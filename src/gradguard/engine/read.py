@@ -19,18 +19,30 @@ from torch import nn
 from gradguard.engine import distributed
 from gradguard.engine.probes import Probes, _absmax
 from gradguard.engine.stats import StepStats
+from gradguard.engine.updates import LearningRates, UpdateMeter
 
 
 class StepReader:
     """Reads one step's statistics from the probes (one host sync), and keeps the per-module gradient norms of
     the last steps on the device for the fault path's evidence."""
 
-    def __init__(self, model: nn.Module, probes: Probes, *, scaler: Any = None, param_check_every: int = 100) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Probes,
+        *,
+        optimizer: Any = None,
+        scaler: Any = None,
+        param_check_every: int = 100,
+    ) -> None:
         self.model = model
         self.probes = probes
         self.scaler = scaler
         self.param_check_every = param_check_every
         self.module_window: deque[torch.Tensor] = deque(maxlen=9)  # this step's per-module norms, 8 before it
+        self.updates = UpdateMeter(probes)
+        self.lrs = LearningRates(optimizer, probes)
+        self._skipped = False  # the fp16 GradScaler skipped the last update: no update ratio for it
 
     def read(self, step: int, *, pending: bool = False) -> StepStats:
         """This step's statistics; ``pending``: this rank has a stop decision to share with the others."""
@@ -66,12 +78,19 @@ class StepReader:
             if shard_ix.numel():  # full-tensor norms of the sharded parameters, without gathering any tensor
                 norms = norms.index_copy(0, shard_ix, shard_sumsq.sqrt())
         per_group, module_sumsq = probes.reduce_grads(device, norms)
-        tail = [per_group.reshape(-1)] + ([flags.float()] if flags is not None else [])
+        updates = self.updates.measure(device)  # the last update, per group: [|dW|^2, |W|^2]
+        tail = [per_group.reshape(-1)] + ([updates.reshape(-1)] if updates is not None else [])
+        tail += [flags.float()] if flags is not None else []
         packed = torch.cat([scalars, *tail]).tolist()  # the one host sync
         self.module_window.append(module_sumsq)  # squared: the root is taken on the fault path only
-        return self._unpack(step, packed, {k: len(ts) for k, ts in parts.items()}, pending, flags is not None)
+        sizes = {k: len(ts) for k, ts in parts.items()}
+        stats = self._unpack(step, packed, sizes, updates is not None, pending, flags is not None)
+        self._skipped = stats.scaler_active and not stats.grads_finite
+        return stats
 
-    def _unpack(self, step: int, packed: list[float], sizes: dict[str, int], pending: bool, agreed: bool) -> StepStats:
+    def _unpack(
+        self, step: int, packed: list[float], sizes: dict[str, int], updated: bool, pending: bool, agreed: bool
+    ) -> StepStats:
         """The packed vector back into named host values (the layout :meth:`read` packed)."""
         probes = self.probes
         values: dict[str, list[float]] = {}
@@ -82,6 +101,12 @@ class StepReader:
         names = probes.group_names
         rows = [packed[at + 3 * i : at + 3 * i + 3] for i in range(len(names))]
         at += 3 * len(names)
+        ratios: dict[str, float] = {}
+        if updated:
+            moves = [packed[at + 2 * i : at + 2 * i + 2] for i in range(len(names))]
+            at += 2 * len(names)
+            if not self._skipped:
+                ratios = {n: _ratio(*m) for n, m in zip(names, moves) if m[1] > 0 or m[0] > 0}
         scaler_active = bool(sizes["scale"])
         if agreed:
             rank_flags = [int(v) for v in packed[at:]]
@@ -111,6 +136,9 @@ class StepReader:
             loss_scale=values["scale"][0] if values["scale"] else None,
             params_bad=int(values["params_bad"][0]) if values["params_bad"] else None,
             rank_flags=rank_flags,
+            update_ratio=ratios,
+            lr=dict(zip(names, self.lrs.read())),
+            vocab=max((m.vocab for m in probes.micro if m.vocab), default=None),
         )
 
     def module_norms(self, steps: int = 1) -> list[list[float]]:
@@ -120,6 +148,11 @@ class StepReader:
         if not window:
             return []
         return torch.stack(window).sqrt().tolist()
+
+
+def _ratio(moved_sq: float, size_sq: float) -> float:
+    """``|dW| / |W|`` from their squares (a weight that moved from exactly 0, LoRA's B at step 1: infinite)."""
+    return math.sqrt(moved_sq / size_sq) if size_sq > 0 else math.inf
 
 
 def stack_scalars(scalars: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -37,6 +37,9 @@ class StepStats:
     group_unfired: dict[str, list[str]] = field(default_factory=dict)  # tensors that never got a gradient yet
     scaler_active: bool = False
     loss_scale: float | None = None
+    update_ratio: dict[str, float] = field(default_factory=dict)  # |dW| / |W| of the last update, per group
+    lr: dict[str, float | None] = field(default_factory=dict)  # each group's learning rate for the coming update
+    vocab: int | None = None  # the loss is a cross-entropy over this many classes (its chance level: ln V)
     params_bad: int | None = None  # trainable weight tensors holding a non-finite value (every N steps)
     rank_flags: list[int] = field(default_factory=list)  # per rank: saw a non-finite value / has a stop pending
 

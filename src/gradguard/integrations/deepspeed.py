@@ -149,8 +149,10 @@ def attach(guard: Guard) -> bool:
 
     >>> from gradguard import Guard
     >>> model = torch.nn.Linear(2, 1)
-    >>> attach(Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), console=False))
+    >>> guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), console=False)
+    >>> attach(guard)  # a torch optimizer: nothing to do
     False
+    >>> _ = guard.close()
     """
     optimizer = zero_optimizer(guard.optimizer)
     if optimizer is None or guard.probes is None:

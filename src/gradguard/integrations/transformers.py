@@ -112,6 +112,7 @@ class GradGuard(Options, TrainerCallback, ExportableState):
             guard.start()  # contains its own errors, but bad input (ConfigurationError) raises here
             if not guard.disabled:
                 deepspeed.attach(guard)  # under DeepSpeed, check inside its optimizer step
+                guard.add_finding(*_warmup_longer_than_run(args, state))
         if guard.stopped:
             control.should_training_stop = True
 
@@ -190,6 +191,7 @@ class GradGuard(Options, TrainerCallback, ExportableState):
             out["gradguard/supervised_tokens"] = float(sum(supervised))
         if last.loss is not None:
             out["gradguard/raw_loss"] = last.loss
+        out.update({f"gradguard/update_ratio/{g}": v for g, v in last.update_ratio.items()})
         if self.log_module_norms:
             for name, v in guard.module_norms().items():
                 out[f"gradguard/module_grad_norm/{name}"] = v
@@ -225,3 +227,23 @@ class GradGuard(Options, TrainerCallback, ExportableState):
                 handler.callbacks = [self] + [c for c in callbacks if c is not self]  # type: ignore[union-attr]
         finally:
             del frame
+
+
+def _warmup_longer_than_run(args: TrainingArguments, state: TrainerState) -> list[Finding]:
+    """A linear warm-up longer than the whole run (``warmup_steps=10**6`` with ``max_steps=20``: a count given where
+    a ratio was meant): the learning rate never gets near its value, and the weights barely move."""
+    steps = state.max_steps
+    get = getattr(args, "get_warmup_steps", None)
+    warmup = get(steps) if callable(get) and steps and steps > 0 else 0
+    if not warmup or warmup <= steps:
+        return []
+    reached = steps / warmup
+    return [
+        Finding.of(
+            "no_update",
+            f"the warm-up ({warmup} steps) is longer than the run ({steps} steps): the learning rate reaches only "
+            f"{reached:.2g} of learning_rate={args.learning_rate:g}, so the weights barely move",
+            "give the warm-up as a fraction (warmup_ratio=0.03) or as steps shorter than max_steps",
+            phase="static",
+        )
+    ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from gradguard.errors import TrainingHealthError
-from gradguard.report.model import Report
+from gradguard.report.model import Finding, Report
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -46,6 +47,7 @@ def smoke_test(
     thresholds: Mapping[str, Any] | None = None,
     strict: bool = True,
     console: bool = False,
+    expect_learning: bool | float = False,
 ) -> Report:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` under a guard; return the report.
 
@@ -69,6 +71,10 @@ def smoke_test(
         groups, thresholds: as for :class:`~gradguard.engine.guard.Guard`.
         strict: let gradguard's own errors propagate (the default here, unlike in training).
         console: print the report as well.
+        expect_learning: also check that the set-up can learn (the classic "overfit one batch" check): pass one
+            batch, enough ``steps`` (20 for a tiny model), and the loss must fall to 0.8 of its first value (or to
+            the fraction given, e.g. ``0.5``), or the report gets a ``not_learning`` error (GG117) with each
+            group's update-to-weight ratio.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -82,24 +88,13 @@ def smoke_test(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"smoke_test expects your torch.nn.Module, got {type(model).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if optimizer is None:
-        if not trainable:
-            raise ValueError(
-                "smoke_test: nothing in the model requires grad, so there is nothing to train; unfreeze the "
-                "parts you mean to train (or pass the model as your training set-up builds it)"
-            )
-        optimizer = torch.optim.AdamW(trainable, lr=lr)
-        own_optimizer = True
-    else:
-        own_optimizer = False
-
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    factor = _learning_factor(expect_learning)
+    own_optimizer = optimizer is None
+    optimizer = optimizer or _default_optimizer(model, lr)
     saved = _snapshot(model, None if own_optimizer else optimizer) if restore else None
-    rng = rng_state()
-    was_training = model.training
-    device = _device_of(model)
+    rng, was_training = rng_state(), model.training
     try:  # a static error (an expected group frozen, nothing trainable) stops it before the first step
         guard = Guard(
             model,
@@ -115,20 +110,9 @@ def smoke_test(
     except TrainingHealthError as stopped:
         return Report.from_dict(stopped.report)
     try:
-        model.train()
-        it = _cycle(batches)
-        for _ in range(steps):
-            batch = _to_device(next(it), device)
-            output = _call(model, batch)
-            loss = _loss_of(output, batch, loss_fn)
-            guard.record_loss(loss)  # a no-op when the model's output carried it (the guard saw it there)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            if not guard.check():  # a fault: the poisoned update was skipped
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        losses = _train(model, guard, optimizer, batches, steps, loss_fn, max_grad_norm)
+        if factor is not None and not guard.stopped:
+            guard.add_finding(*_not_learning(losses, factor, guard))
     finally:
         report = guard.close()  # every hook removed, even when the user's forward raised
         optimizer.zero_grad(set_to_none=True)
@@ -137,6 +121,83 @@ def smoke_test(
         set_rng_state(rng)
         model.train(was_training)
     return report
+
+
+def _train(
+    model: nn.Module,
+    guard: Any,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Any],
+    steps: int,
+    loss_fn: LossFn | None,
+    max_grad_norm: float | None,
+) -> list[float]:
+    """The training loop, checked by ``guard`` every step; the raw loss of each step the guard saw."""
+    model.train()
+    device = _device_of(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    it = _cycle(batches)
+    losses: list[float] = []
+    for _ in range(steps):
+        batch = _to_device(next(it), device)
+        output = _call(model, batch)
+        loss = _loss_of(output, batch, loss_fn)
+        guard.record_loss(loss)  # a no-op when the model's output carried it (the guard saw it there)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        go_on = guard.check()
+        if guard.last is not None and guard.last.loss is not None:
+            losses.append(guard.last.loss)  # read in the guard's own sync: no extra one
+        if not go_on:  # a fault: the poisoned update was skipped
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def _default_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            "smoke_test: nothing in the model requires grad, so there is nothing to train; unfreeze the "
+            "parts you mean to train (or pass the model as your training set-up builds it)"
+        )
+    return torch.optim.AdamW(trainable, lr=lr)
+
+
+def _learning_factor(expect_learning: bool | float) -> float | None:
+    """The loss must end at or below this fraction of its first value (``True``: 0.8, a fifth lower)."""
+    if expect_learning is False:
+        return None
+    factor = 0.8 if expect_learning is True else expect_learning
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        raise ValueError(
+            "expect_learning must be True (the loss must fall to 0.8 of its first value) or the fraction to fall to, "
+            f"between 0 and 1 (e.g. 0.5); got {expect_learning!r}"
+        )
+    return float(factor)
+
+
+def _not_learning(losses: list[float], factor: float, guard: Any) -> list[Finding]:
+    """The ``not_learning`` finding when the loss did not fall to ``factor`` of its first value."""
+    if len(losses) < 2 or not all(map(math.isfinite, losses)) or losses[-1] <= factor * losses[0]:
+        return []
+    last = guard.last
+    ratios = ", ".join(f"{g}: {r:.1e}" for g, r in (last.update_ratio if last else {}).items()) or "not measured"
+    return [
+        Finding.of(
+            "not_learning",
+            f"on a repeated batch the loss went from {losses[0]:.4g} to {losses[-1]:.4g} in {len(losses)} steps; "
+            f"it should have fallen to {factor:g} of its first value. Update-to-weight ratio of the last step, per "
+            f"group: {ratios}",
+            "check the learning rate and the optimizer's param groups (a ratio ~0 is a group that does not move), "
+            "that the loss depends on what trains, and that the labels are what the model should predict; or "
+            "give more steps",
+            step=guard.step,
+            phase="optimizer",
+        )
+    ]
 
 
 def assert_healthy(report: Report | Mapping[str, Any] | str | Path) -> Report:
