@@ -90,7 +90,8 @@ def test_seed_connector_fault_stops_at_step_3_with_weights_intact(tmp_path) -> N
     assert fault.weights_intact
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the update was skipped
-    assert "0.0" in fault.evidence["logged as"] and "logging_nan_inf_filter" in fault.evidence["logged as"]
+    logged = fault.fact("logged_as")
+    assert logged is not None and "0.0" in logged["text"] and "logging_nan_inf_filter" in logged["text"]
     assert "GG111" in [f.code for f in report.findings]  # the masked 0.0, explained
     assert (tmp_path / "gradguard-report.md").read_text().count("logging_nan_inf_filter") >= 1
 
@@ -124,7 +125,7 @@ def test_all_labels_masked_is_no_supervision(tmp_path) -> None:
     train(model, tmp_path, callbacks=[GradGuard(console=False)], dataset=_Masked(TinyDataset(model, n=16)))
     fault = report_of(tmp_path).fault
     assert (fault.kind, fault.origin.phase, fault.step) == ("no_supervision", "data", 1)
-    assert fault.evidence["supervised tokens"] == [0]
+    assert fault.fact("supervised_tokens")["value"] == [0]
 
 
 def test_masked_labels_with_a_finite_loss_is_a_warning(tmp_path) -> None:
@@ -154,7 +155,7 @@ def test_backward_only_nan_in_a_language_layer(tmp_path) -> None:
     fault = report_of(tmp_path).fault
     assert fault.kind == "nonfinite_grad"
     assert (fault.origin.phase, fault.origin.group, fault.origin.role) == ("backward", "llm", "language")
-    assert "layers.1." in fault.evidence["first non-finite gradient (backward order)"]
+    assert "layers.1." in fault.fact("first_nonfinite_gradient")["module"]
 
 
 def test_vision_tower_under_no_grad_is_a_dead_gradient(tmp_path) -> None:

@@ -79,7 +79,7 @@ def check_fault_report(out: Path, *, step: int) -> dict[str, Any]:
     assert fault["kind"] == "nonfinite_loss" and fault["origin"]["phase"] == "forward"
     assert fault["origin"]["rank"] == 1
     assert fault["weights_intact"] is True
-    ranks = fault["evidence"]["ranks"]
+    ranks = next(e["value"] for e in fault["evidence"] if e["kind"] == "ranks")
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[1]["flagged"] and ranks[1]["kind"] == "nonfinite_loss" and ranks[1]["code"] == fault["code"]
     assert report["environment"]["world_size"] == 2
@@ -130,7 +130,8 @@ def test_ddp_trainer_fault_on_one_rank_stops_all_ranks(tmp_path: Path) -> None:
     # DDP norms are each rank's own (pre-all-reduce) gradients: they differ across ranks' data.
     assert ranks[0]["guarded"]["group_norm"] != ranks[1]["guarded"]["group_norm"]
     report = check_fault_report(tmp_path, step=3)
-    assert report["fault"]["evidence"]["ranks"][0].get("kind") is None  # rank 0 saw nothing itself
+    ranks = next(e["value"] for e in report["fault"]["evidence"] if e["kind"] == "ranks")
+    assert ranks[0].get("kind") is None  # rank 0 saw nothing itself
     # The replay that pinpoints the module ran on rank 1 (where the fault reproduces) and reached rank 0.
     assert "model.layers.0" in json.dumps(report["fault"]["localization"])
 

@@ -44,7 +44,8 @@ def test_forward_origin_is_the_first_group_in_execution_order() -> None:
     finding, origin, evidence = d.finding, d.origin, d.evidence
     assert finding.kind == "nonfinite_loss" and origin.phase == "forward"
     assert (origin.group, origin.role, origin.trainable) == ("proj", "connector", True)
-    assert evidence["finite outputs before it (abs-max)"] == "vision: 3"
+    before = next(e for e in evidence if e["kind"] == "finite_outputs_before")
+    assert before["value"] == {"vision": 3.0} and before["text"] == "finite outputs before it (abs-max): vision: 3"
 
 
 def test_backward_origin_when_the_forward_was_finite() -> None:

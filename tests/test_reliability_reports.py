@@ -71,7 +71,10 @@ def test_nonfinite_values_are_strict_json_strings() -> None:
             message="step 3: the raw loss is nan",
             origin=Origin(phase="forward", module="resampler", group="resampler", role="connector", trainable=True),
             weights_intact=True,
-            evidence={"raw loss per micro-batch": [nan, 1.5], "norm": -inf},
+            evidence=[
+                {"kind": "raw_loss", "text": "raw loss per micro-batch: [NaN, 1.5]", "value": [nan, 1.5]},
+                {"kind": "norm", "text": "norm: -Inf", "value": -inf},
+            ],
             localization={"module": "resampler.attn", "anything": {"nested": [inf]}},
         ),
         history={"stride": 1, "steps": [1, 2, 3], "loss": [1.0, inf, nan], "grad_norm": {"llm": [1.0, None, nan]}},
@@ -80,7 +83,7 @@ def test_nonfinite_values_are_strict_json_strings() -> None:
     data = json.loads(text)  # strict: json.loads would accept NaN, so check the text itself too
     assert "NaN" in text and "Infinity" in text and ": NaN" not in text
     assert data["history"]["loss"] == [1.0, "Infinity", "NaN"]
-    assert data["fault"]["evidence"]["norm"] == "-Infinity"
+    assert data["fault"]["evidence"][1]["value"] == "-Infinity"
     validate_report(data)
     assert math.isnan(float(data["history"]["loss"][2]))
     # the schema rejects what is not a report

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gradguard.engine.diagnosis import Diagnosis, origin_for
+from gradguard.engine.diagnosis import Diagnosis, fact, origin_for
 from gradguard.engine.stats import GroupContext, StepStats
 from gradguard.errors import ConfigurationError
 from gradguard.report.model import Finding, Origin
@@ -127,7 +127,7 @@ def _data_fault(stats: StepStats) -> Diagnosis | None:
             phase="data",
         )
         o = Origin(phase="data", module=key, micro_batch=micro)
-        return Diagnosis(f, o, {"non-finite inputs": ", ".join(keys)})
+        return Diagnosis(f, o, (fact("nonfinite_inputs", f"non-finite inputs: {', '.join(keys)}", value=keys),))
     loss_bad = any(not math.isfinite(v) for v in stats.losses)
     unsupervised = [i for i, n in enumerate(stats.supervised) if n == 0]
     if unsupervised and (loss_bad or not stats.losses):
@@ -142,7 +142,8 @@ def _data_fault(stats: StepStats) -> Diagnosis | None:
             phase="data",
         )
         o = Origin(phase="data", module="labels", micro_batch=micro)
-        return Diagnosis(f, o, {"supervised tokens": stats.supervised})
+        text = f"supervised tokens per micro-batch: {stats.supervised}"
+        return Diagnosis(f, o, (fact("supervised_tokens", text, value=list(stats.supervised)),))
     return None
 
 
@@ -154,11 +155,12 @@ def _nonfinite_fault(
     bad_grads = {g: n for g, n in stats.group_nonfinite.items() if n}
     if not loss_bad and not (bad_grads and not stats.scaler_active):
         return None
-    evidence: dict[str, Any] = {}
+    evidence: list[dict[str, Any]] = []
     if loss_bad:
         micro, value = loss_bad[0]
         kind, what = "nonfinite_loss", f"the raw loss is {value} (micro-batch {micro})"
-        evidence["raw loss per micro-batch"] = stats.losses
+        shown = ", ".join(f"{v:.4g}" for v in stats.losses)
+        evidence.append(fact("raw_loss", f"raw loss per micro-batch: [{shown}]", value=list(stats.losses)))
     elif stats.losses:
         kind, what = "nonfinite_grad", "the loss is finite but gradients are not"
     else:  # never say what was not observed: the loss may be NaN too
@@ -170,7 +172,8 @@ def _nonfinite_fault(
             ),
         )
     if bad_grads:
-        evidence["groups with non-finite gradients"] = ", ".join(f"{g} ({n} tensors)" for g, n in bad_grads.items())
+        text = "groups with non-finite gradients: " + ", ".join(f"{g} ({n} tensors)" for g, n in bad_grads.items())
+        evidence.append(fact("nonfinite_gradients", text, value=bad_grads))
     bad_out = next(((g, m) for g, m, a in stats.group_outputs if not math.isfinite(a)), None)
     if bad_out is not None:
         o, where, hint = _forward_origin(stats, groups, *bad_out, evidence)
@@ -185,21 +188,25 @@ def _nonfinite_fault(
             "or an attention-kernel backward bug"
         )
     if first_bad_grad is not None:
-        evidence["first non-finite gradient (backward order)"] = first_bad_grad[1]
+        group, param = first_bad_grad
+        text = f"first non-finite gradient (backward order): {param}"
+        evidence.append(fact("first_nonfinite_gradient", text, group=group, module=param))
     f = Finding.of(kind, f"step {stats.step}: {what}; {where}", hint, o.group, step=stats.step, phase=o.phase)
-    return Diagnosis(f, o, evidence)
+    return Diagnosis(f, o, tuple(evidence))
 
 
 def _forward_origin(
-    stats: StepStats, groups: Mapping[str, GroupContext], group: str, micro: int, evidence: dict[str, Any]
+    stats: StepStats, groups: Mapping[str, GroupContext], group: str, micro: int, evidence: list[dict[str, Any]]
 ) -> tuple[Origin, str, str]:
     """Born in the forward pass: the first group, in execution order, whose output is not finite."""
     ctx = groups.get(group)
     state = "trainable" if ctx and ctx.trainable else "frozen"
-    evidence["first non-finite forward output"] = f"{group} (micro-batch {micro})"
-    finite_before = [f"{g}: {a:.3g}" for g, m, a in stats.group_outputs if m == micro and math.isfinite(a)]
-    if finite_before:
-        evidence["finite outputs before it (abs-max)"] = ", ".join(finite_before)
+    text = f"first non-finite forward output: {group} (micro-batch {micro})"
+    evidence.append(fact("first_nonfinite_output", text, group=group, module=group, micro_batch=micro))
+    before = {g: a for g, m, a in stats.group_outputs if m == micro and math.isfinite(a)}
+    if before:
+        text = "finite outputs before it (abs-max): " + ", ".join(f"{g}: {a:.3g}" for g, a in before.items())
+        evidence.append(fact("finite_outputs_before", text, value=before))
     return (
         origin_for("forward", group, groups, micro_batch=micro),
         f"the first non-finite value appeared in the forward output of `{group}` ({state})",
@@ -223,17 +230,17 @@ def _loss_origin(stats: StepStats, groups: Mapping[str, GroupContext], micro: in
     return origin_for("forward", None, groups, micro_batch=micro), where, hint
 
 
-def top_modules(modules: Sequence[str], rows: Sequence[Sequence[float]], k: int = 5) -> dict[str, Any]:
+def top_modules(modules: Sequence[str], rows: Sequence[Sequence[float]], k: int = 5) -> list[dict[str, Any]]:
     """Evidence for a fault: the modules with the largest (or non-finite) gradient norms at this step (the last
     row) and the ones whose norm grew most against the earlier rows (the recent window).
 
-    >>> top_modules(["a", "b"], [[1.0, 1.0], [1.0, 50.0]])["fastest-growing gradient norms (vs median of last 1 steps)"]
-    'b: 50x'
+    >>> top_modules(["a", "b"], [[1.0, 1.0], [1.0, 50.0]])[0]["value"]
+    {'b': 50.0}
     """
     if not rows or not modules:
-        return {}
+        return []
     norms, past = rows[-1], rows[:-1]
-    out: dict[str, Any] = {}
+    out: list[dict[str, Any]] = []
     if past:
         growth = []
         for i, m in enumerate(modules):
@@ -241,16 +248,37 @@ def top_modules(modules: Sequence[str], rows: Sequence[Sequence[float]], k: int 
             ref = before[len(before) // 2] if before else 0.0
             if ref > 0 and math.isfinite(norms[i]):
                 growth.append((norms[i] / ref, m))
-        top = [f"{m}: {g:.3g}x" for g, m in sorted(growth, reverse=True)[:k] if g > 2]
+        top = {m: g for g, m in sorted(growth, reverse=True)[:k] if g > 2}
         if top:
-            out[f"fastest-growing gradient norms (vs median of last {len(past)} steps)"] = ", ".join(top)
+            text = f"fastest-growing gradient norms (vs median of last {len(past)} steps): " + ", ".join(
+                f"{m}: {g:.3g}x" for m, g in top.items()
+            )
+            out.append(fact("fastest_growing_gradients", text, value=top))
     bad = [m for m, v in zip(modules, norms) if not math.isfinite(v)]
-    finite = sorted(((v, m) for m, v in zip(modules, norms) if math.isfinite(v)), reverse=True)[:k]
+    finite = {m: v for v, m in sorted(((v, m) for m, v in zip(modules, norms) if math.isfinite(v)), reverse=True)[:k]}
     if bad:
-        out["modules with non-finite gradients"] = ", ".join(bad[:k]) + (f" (+{len(bad) - k})" if len(bad) > k else "")
+        more = f" (+{len(bad) - k})" if len(bad) > k else ""
+        out.append(
+            fact(
+                "nonfinite_gradient_modules",
+                f"modules with non-finite gradients: {', '.join(bad[:k])}{more}",
+                value=bad,
+            )
+        )
     if finite:
-        out["largest finite gradient norms"] = ", ".join(f"{m}: {v:.3g}" for v, m in finite)
+        text = "largest finite gradient norms: " + ", ".join(f"{m}: {v:.3g}" for m, v in finite.items())
+        out.append(fact("largest_gradient_norms", text, value=finite))
     return out
+
+
+def static_fault(findings: Sequence[Finding], groups: Mapping[str, GroupContext]) -> Diagnosis | None:
+    """The fault the static audit found before step 1, if any: its first error, with how many there are."""
+    errors = [f for f in findings if f.severity == "error"]
+    if not errors:
+        return None
+    text = f"static errors: {len(errors)} ({', '.join(f.code for f in errors)})"
+    origin = origin_for("static", errors[0].group, groups)
+    return Diagnosis(errors[0], origin, (fact("static_errors", text, value=len(errors)),))
 
 
 def from_finding(finding: Finding, groups: Mapping[str, GroupContext]) -> Diagnosis:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -44,31 +44,42 @@ def origin_for(
     )
 
 
+def fact(kind: str, text: str, **fields: Any) -> dict[str, Any]:
+    """One piece of evidence: what kind of fact it is, its fields for programs (``group``, ``module``,
+    ``micro_batch``, ``rank``, ``value``; the ones that apply), and the sentence for people (``text``).
+
+    >>> fact("first_nonfinite_output", "first non-finite forward output: resampler", group="resampler", rank=None)
+    {'kind': 'first_nonfinite_output', 'group': 'resampler', 'text': 'first non-finite forward output: resampler'}
+    """
+    return {"kind": kind, **{k: v for k, v in fields.items() if v is not None}, "text": text}
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """One fault, as diagnosed on one rank (or agreed by all of them).
 
     >>> d = Diagnosis(Finding.of("nonfinite_loss", "step 3: the raw loss is nan", "check the loss"), Origin("forward"))
-    >>> Diagnosis.from_plain(d.with_evidence(ranks=2).to_plain()) == d.with_evidence(ranks=2)
-    True
+    >>> d = d.with_evidence(fact("raw_loss", "raw loss per micro-batch: [nan]", value=[float("nan")]))
+    >>> Diagnosis.from_plain(d.to_plain()).evidence[0]["kind"]
+    'raw_loss'
     """
 
     finding: Finding
     origin: Origin
-    evidence: Mapping[str, Any] = field(default_factory=dict)
+    evidence: tuple[Mapping[str, Any], ...] = ()  # facts (see fact()), in the order they were found
     localization: Mapping[str, Any] | None = None  # the replay's result; fields: docs/localization.md
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "evidence", MappingProxyType(dict(self.evidence)))
+        object.__setattr__(self, "evidence", tuple(MappingProxyType(dict(e)) for e in self.evidence))
 
     @property
     def kind(self) -> str:
         return self.finding.kind
 
-    def with_evidence(self, **more: Any) -> Diagnosis:
-        """The same diagnosis with more evidence after its own (keys that are already there are kept)."""
-        added = {k: v for k, v in more.items() if k not in self.evidence}
-        return dataclasses.replace(self, evidence={**self.evidence, **added})
+    def with_evidence(self, *facts: Mapping[str, Any]) -> Diagnosis:
+        """The same diagnosis with more facts after its own (a kind of fact it already has is not added again)."""
+        have = {e["kind"] for e in self.evidence}
+        return dataclasses.replace(self, evidence=(*self.evidence, *(f for f in facts if f["kind"] not in have)))
 
     def to_plain(self) -> dict[str, Any]:
         """JSON-safe plain data: what crosses ranks on the fault path (it cannot fail to pickle)."""
@@ -76,7 +87,7 @@ class Diagnosis:
             {
                 "finding": dataclasses.asdict(self.finding),
                 "origin": dataclasses.asdict(self.origin),
-                "evidence": dict(self.evidence),
+                "evidence": [dict(e) for e in self.evidence],
                 "localization": dict(self.localization) if self.localization is not None else None,
             }
         )
@@ -86,7 +97,7 @@ class Diagnosis:
         return cls(
             Finding(**data["finding"]),
             Origin(**data["origin"]),
-            data.get("evidence") or {},
+            tuple(data.get("evidence") or ()),
             data.get("localization"),
         )
 

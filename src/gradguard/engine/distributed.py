@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gradguard.engine import detectors
-from gradguard.engine.diagnosis import Diagnosis
+from gradguard.engine.diagnosis import Diagnosis, fact
 from gradguard.report.model import Origin
 
 # The order in which a non-finite value can be born: the earliest phase names the origin rank.
@@ -158,7 +158,11 @@ def agree_on_fault(local: Diagnosis | None, flags: list[int], step: int, *, exch
     else:
         agreed = Diagnosis(detectors.unattributed(step), Origin(phase="backward"))
     agreed = dataclasses.replace(agreed, origin=dataclasses.replace(agreed.origin, rank=first))
-    return agreed.with_evidence(ranks=rank_summaries(views, flags))
+    ranks = rank_summaries(views, flags)
+    said = "; ".join(
+        f"rank {r['rank']}: " + (f"{r['code']} {r['phase']}" if r.get("code") else "nothing") for r in ranks
+    )
+    return agreed.with_evidence(fact("ranks", f"what each rank saw: {said}", value=ranks))
 
 
 def origin_rank(views: list[dict[str, Any] | None], flags: list[int]) -> int | None:

@@ -17,11 +17,9 @@ diagnose(stats)`` (pure detectors, plus the replay on a fault) -> ``action = pol
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +28,18 @@ from torch import nn
 
 from gradguard.core.audit import Audit, audit_requires_grad
 from gradguard.engine import detectors, distributed, policy, shutdown
+from gradguard.engine.checker import Checker
 from gradguard.engine.detectors import Thresholds
-from gradguard.engine.diagnosis import Diagnosis, origin_for
+from gradguard.engine.diagnosis import Diagnosis
 from gradguard.engine.history import History
 from gradguard.engine.journal import Journal, ReportWriter, environment, print_report
-from gradguard.engine.localize import localized
 from gradguard.engine.options import Options
 from gradguard.engine.probes import Probes
-from gradguard.engine.read import StepReader, params_finite
+from gradguard.engine.read import params_finite
 from gradguard.engine.stats import GroupContext, StepStats
 from gradguard.engine.trends import Trends
 from gradguard.errors import ConfigurationError
-from gradguard.report.model import Fault, Finding, Origin, Report
+from gradguard.report.model import Fault, Finding, Report
 
 log = logging.getLogger("gradguard")
 
@@ -54,17 +52,16 @@ class Guard:
 
     Args:
         model: the module being trained (a PeftModel, a DDP/FSDP-wrapped module, a compiled one …).
-        optimizer: checked for coverage of the trainable parameters (optional).
+        optimizer: checked for coverage of the trainable parameters, and read for the learning rates (optional).
         options: an :class:`~gradguard.engine.options.Options`, or its fields as keywords (``expect_trainable``,
             ``on_fault``, ``report_dir``, ``groups``, ``thresholds``, ``strict``, ``console``, ``localize``,
-            ``trace``).
+            ``trace``, ``severity``).
         scaler: the fp16 ``GradScaler``, whose skipped steps are overflows it handles, not faults.
-        explain: extra evidence for a fault from the front door that knows the framework (the HF callback
-            says how the Trainer's logs show a NaN loss).
-        amend_hints: called with the static audit's findings and ``{group: role}`` before they are recorded;
-            a front door that knows the training framework puts its own switch into the hints.
-        history_size: steps of history kept at full resolution before it thins out.
-        param_check_every: how often (in steps) every trainable weight is checked for NaN/Inf.
+        explain: extra evidence for a fault from a front door that knows the framework (the HF callback says
+            how the Trainer's logs show a NaN loss); ``amend_hints``: called with the audit's findings and
+            ``{group: role}`` before they are recorded (the framework's own switch goes into the hints).
+        history_size, param_check_every: steps of history kept at full resolution before it thins out; how often
+            (in steps) every trainable weight is checked for NaN/Inf.
         stops_before_first_step: the front door can stop its loop before the first step (Lightning's
             ``should_stop``). Otherwise a static error under ``on_fault="stop"`` raises
             :class:`TrainingHealthError` at :meth:`start`, so that no forward, backward or update runs at all.
@@ -88,8 +85,8 @@ class Guard:
         *,
         options: Options | None = None,
         scaler: Any | None = None,
-        explain: Explain | None = None,
-        amend_hints: AmendHints | None = None,
+        explain: Callable[[Diagnosis], Sequence[Mapping[str, Any]]] | None = None,
+        amend_hints: Callable[[Sequence[Finding], Mapping[str, str]], object] | None = None,
         history_size: int = 2048,
         param_check_every: int = 100,
         stops_before_first_step: bool = False,
@@ -98,32 +95,19 @@ class Guard:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard expects the torch.nn.Module being trained, got {type(model).__name__}")
-        if options is not None and knobs:
-            raise TypeError(f"pass either options= or keyword options, not both (got {', '.join(knobs)})")
-        for name, value, low in (("param_check_every", param_check_every, 1), ("history_size", history_size, 4)):
-            if not isinstance(value, int) or value < low:
-                raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
-        unknown = sorted(set(knobs) - {f.name for f in fields(Options)})
-        if unknown:
-            known = ", ".join(f.name for f in fields(Options))
-            raise ConfigurationError(f"unknown Guard option(s) {unknown}; the options are: {known}")
-        self.options = options if options is not None else Options(**knobs)
-        self.model, self.optimizer, self.scaler, self.explain = model, optimizer, scaler, explain
-        self.amend_hints = amend_hints
+        self.options = Options.of(options, knobs, history_size=history_size, param_check_every=param_check_every)
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.explain, self.amend_hints = explain, amend_hints
         self.param_check_every, self.stops_before_first_step = param_check_every, stops_before_first_step
         self.step = 0  # optimizer steps checked so far (1-based numbering in reports)
-        self.stopped = self.disabled = self._closed = False
+        self.stopped = self.disabled = self._closed = self._warned_idle = False
         self.journal = Journal(history_size)
         self.trends = Trends(Thresholds.from_dict(self.options.thresholds))
         self.contexts: dict[str, GroupContext] = {}
         self.last: StepStats | None = None
         self.audit: Audit | None = None
-        self.probes: Probes | None = None
-        self.reader: StepReader | None = None
-        self.tracer: Any = None  # engine.trace.Tracer: autocast capture for replays; every module if trace="full"
-        self._pending: Diagnosis | None = None  # seen after the ranks agreed: stop with them at the next step
+        self.checker: Checker | None = None
         self._crash: Exception | None = None  # the model's forward raised (cleared when training goes on)
-        self._warned_idle = False
         self.writer = ReportWriter(Path(self.options.report_dir)) if self.options.report_dir is not None else None
         if start:
             self.start()
@@ -142,20 +126,20 @@ class Guard:
         return self.journal.history
 
     @property
+    def probes(self) -> Probes | None:
+        return self.checker.probes if self.checker is not None else None
+
+    @property
     def report_dir(self) -> Path | None:
-        return Path(self.options.report_dir) if self.options.report_dir is not None else None
+        return self.writer.folder if self.writer is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, optimizer: Any | None = None) -> Audit:
-        """Build groups, run the static audit, attach the probes. Returns the audit.
-
-        A static error (a group in ``expect_trainable`` that is frozen, trainable parameters missing
-        from the optimizer, nothing trainable) is a fault at step 0: the policy applies before the
-        first step. Calling it again (say, to hand over the optimizer once it exists) restarts the guard:
-        the hooks of the earlier start come off first, so they never fire twice.
-        """
-        if optimizer is not None:
-            self.optimizer = optimizer
+        """Build groups, run the static audit, attach the probes; returns the audit. A static error (an expected
+        group frozen, trainable tensors missing from the optimizer, nothing trainable) is a fault before step 1.
+        Calling it again (to hand over the optimizer once it exists) restarts the guard: the earlier hooks come
+        off first, so they never fire twice."""
+        self.optimizer = optimizer if optimizer is not None else self.optimizer
         self._detach()
         shutdown.register(self)  # an interrupted run still removes its hooks and writes its report
         opts = self.options
@@ -177,63 +161,45 @@ class Guard:
             self.contain(exc)
             return Audit(groups=[], findings=list(self.findings))
         try:
-            probes = self.probes = Probes(self.model, gmap, on_error=self.contain)
-            probes.on_crash = self._crashed
-            probes.attach()
-            # Norms batched per backward only in one process with whole gradients (see engine.probes).
-            probes.batched = distributed.world() == 1 and not probes.shard_weights
-            every = self.param_check_every
-            self.reader = StepReader(
-                self.model, probes, optimizer=self.optimizer, scaler=self.scaler, param_check_every=every
-            )
-            if opts.localize or opts.trace:
-                from gradguard.engine.trace import Tracer
-
-                self.tracer = Tracer(self.model, full=opts.trace == "full", on_error=self.contain)
-                self.tracer.attach()
+            self.checker = Checker(
+                self.model, gmap, options=opts, contexts=self.contexts, trends=self.trends, journal=self.journal,
+                optimizer=self.optimizer, scaler=self.scaler, param_check_every=self.param_check_every,
+                on_error=self.contain, on_crash=self._crashed,
+            )  # fmt: skip
         except Exception as exc:
             self.contain(exc)
-        errors = [f for f in audit.findings if f.severity == "error"]
-        if errors:
-            origin = origin_for("static", errors[0].group, self.contexts)
-            diagnosis = Diagnosis(errors[0], origin, {"static errors": len(errors)})
-            action = policy.decide(diagnosis, opts.on_fault, static_stop_raises=not self.stops_before_first_step)
-            self._act(action, diagnosis)
-            policy.apply(action, self)
+        static = detectors.static_fault(audit.findings, self.contexts)
+        if static is not None:
+            raises = not self.stops_before_first_step
+            self._apply(policy.decide(static, opts.on_fault, static_stop_raises=raises), static)
         return audit
 
     def close(self, error: BaseException | None = None, *, signal: str | None = None) -> Report:
-        """Remove every hook, run the final checks and write the report (idempotent).
-
-        ``error``: the exception that ended training, if one did (the report's status is then ``aborted``, or
-        ``interrupted`` for a ``KeyboardInterrupt``); ``signal``: the signal that stopped the process.
-        """
+        """Remove every hook, run the final checks and write the report (idempotent). ``error``: the exception
+        that ended training, if one did (status ``aborted``; ``interrupted`` for a ``KeyboardInterrupt``);
+        ``signal``: the signal that stopped the process."""
         if self._closed:
             return self.report()
         self._closed = True
         self._detach()
         self.journal.ended(error or self._crash, self.step, signal)
-        if not self.disabled and self.step:
-            try:
+        try:
+            if not self.disabled and self.step:
                 self.journal.add(map(self.options.rated, self.trends.finish(self.contexts)))
                 if not params_finite(self.model) and not any(f.kind == "nonfinite_param" for f in self.findings):
                     self.journal.add([detectors.nonfinite_params(self.step, "after")])
-            except Exception as exc:
-                self.contain(exc)
-        shutdown.unregister(self)
-        try:
             report = self.report()
         except Exception as exc:
             self.contain(exc)
             env = {**self.journal.environment, "steps": self.step, "disabled": True}
             report = Report("fault" if self.fault else "healthy", self.fault, list(self.findings), environment=env)
-        if self.options.console:  # printed first, so that a failure to print is in the file
-            try:
-                self.print(report)
-            except Exception as exc:
-                self.contain(exc)
-                report.findings = list(self.findings)
-                report.environment = {**report.environment, "disabled": True}
+        try:
+            if self.options.console and distributed.rank() == 0:  # printed first: a failure to print is in the file
+                print_report(report)
+        except Exception as exc:
+            self.contain(exc)
+            report.findings, report.environment = list(self.findings), {**report.environment, "disabled": True}
+        shutdown.unregister(self)
         self.write(report)
         return report
 
@@ -247,16 +213,16 @@ class Guard:
     def check(self, step: int | None = None) -> bool:
         """Call after backward (and clipping) and before ``optimizer.step()``.
 
-        Reads this step's statistics with one host sync, runs the detectors and applies the policy.
-        Returns ``True`` when training may go on; on a fault with ``on_fault="stop"`` the poisoned update
-        is skipped (every ``.grad`` is set to ``None``) and ``False`` is returned; with ``"raise"`` a
+        Reads this step's statistics with one host sync, runs the detectors and applies the policy. Returns
+        ``True`` when training may go on; on a fault with ``on_fault="stop"`` the poisoned update is skipped
+        (every ``.grad`` is set to ``None``) and ``False`` is returned; with ``"raise"`` a
         :class:`TrainingHealthError` follows. A check with no backward since the last one counts no step and
         repeats the last decision (it warns once: the loop probably calls it before ``backward()``).
         """
-        probes, reader = self.probes, self.reader
-        if probes is None or reader is None or probes.idle:
-            if probes is not None and reader is not None and step != self.step:
-                self._warn_idle()  # not a front door's second look at its step (DeepSpeed checked it already)
+        checker = self.checker
+        if checker is None or checker.idle:
+            if checker is not None and step != self.step:  # not a front door's second look (DeepSpeed's step)
+                self._warn_idle()
             self.step = step if step is not None else self.step  # the front door's numbering, if it has one
             self._reset()
             return not self.stopped
@@ -266,24 +232,20 @@ class Guard:
             self._reset()
             return policy.apply(policy.STOPPED, self) if self.stopped else True
         try:
-            stats = reader.read(self.step, pending=self._pending is not None)
-            diagnosis = self._diagnose(stats)
-            action = policy.decide(diagnosis, self.options.on_fault, world=distributed.world(), agreed=stats.flagged)
-            self._act(action, diagnosis)
+            self.last, diagnosis, action = checker.step(self.step, faulted=self.fault is not None)
         except Exception as exc:
             self.contain(exc)
             return True
         finally:
             self._reset()
-        return policy.apply(action, self)
+        return self._apply(action, diagnosis)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Record one micro-batch's loss when the model's forward does not return it (call before backward).
 
-        The guard reads ``outputs.loss`` from the model's forward by itself; a loss computed outside the
-        model (``loss = loss_fn(model(x), y)``) it cannot see. Without it a NaN loss is still caught (as
-        non-finite gradients), but it is not called a loss fault and a collapsing loss goes unnoticed.
-        A loss the model already returned for this micro-batch wins (it is the raw, unscaled one).
+        The guard reads ``outputs.loss`` from the model's forward by itself; a loss computed outside the model
+        (``loss = loss_fn(model(x), y)``) it cannot see. Without it a NaN loss is still caught (as non-finite
+        gradients) but not called a loss fault, and a diverging or collapsing loss goes unnoticed.
 
         >>> import torch
         >>> model = torch.nn.Linear(4, 1)
@@ -299,85 +261,45 @@ class Guard:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"record_loss expects the scalar loss tensor you call backward() on, got {what}")
-        if self.disabled or self.probes is None:
-            return
-        try:
-            self.probes.add_loss(loss)
-        except Exception as exc:
-            self.contain(exc)
+        if not self.disabled and self.checker is not None:
+            try:
+                self.checker.probes.add_loss(loss)
+            except Exception as exc:
+                self.contain(exc)
 
-    def _diagnose(self, stats: StepStats) -> Diagnosis | None:
-        """This step's fault, if any: the detectors' view, then (when the step is flagged) the evidence, the
-        replay's localisation and the ranks' agreement. Trend findings are recorded on the way."""
-        probes, reader = self.probes, self.reader
-        assert probes is not None and reader is not None
-        first_bad = None if stats.grads_finite else probes.first_nonfinite_grad()
-        local = detectors.diagnose(stats, self.contexts, first_bad)
-        if local is not None:
-            local = dataclasses.replace(local, finding=self.options.rated(local.finding))
-        trends = [self.options.rated(f) for f in self.trends.update(stats, self.contexts)]
-        self.journal.add(trends)
-        if stats.params_bad:
-            self.journal.add([detectors.nonfinite_params(stats.step)])
-        scaler_skipped = stats.scaler_active and not stats.grads_finite and local is None
-        self.journal.add_step(stats, scaler_skipped=scaler_skipped)
-        self.last = stats
-        if local is None:
-            errors = (detectors.from_finding(f, self.contexts) for f in trends if f.severity == "error")
-            local = self._pending or next(errors, None)
-        if not stats.flagged and (local is None or distributed.world() > 1):
-            return local  # the ranks did not agree on this step: decide() defers a local error to the next
-        if local is not None:
-            local = local.with_evidence(**detectors.top_modules(probes.modules, reader.module_norms(9)))
-            if self.options.localize and self.fault is None and distributed.replay_is_local(self.model):
-                # "warn" replays only the first fault; a lone rank's replay must not enter a collective
-                opts = dict(tracer=self.tracer, scaler=self.scaler, strict=self.options.strict)
-                local = localized(local, self.model, probes, **opts)
-        if distributed.world() > 1:
-            return distributed.agree_on_fault(local, stats.rank_flags, stats.step, exchange=self.fault is None)
-        return local or Diagnosis(detectors.unattributed(stats.step), Origin(phase="backward"))
+    def _apply(self, action: policy.Action, diagnosis: Diagnosis | None) -> bool:
+        """Record the decision (the fault, a skipped update), then let :func:`policy.apply` carry it out."""
+        if action.record and diagnosis is not None:
+            if self.explain is not None and self.fault is None:
+                diagnosis = diagnosis.with_evidence(*self.explain(diagnosis))
+            self.journal.poison_let_through |= action.let_through
+            static = diagnosis.origin.phase == "static"
+            intact = static or (
+                action.skip_update and not self.journal.poison_let_through and params_finite(self.model)
+            )
+            fault = self.journal.add_fault(diagnosis, 0 if static else self.step, intact)
+            if action.skip_update and not static:
+                self.journal.add_skipped(self.step, f"gradguard: {fault.code} {fault.kind}")
+        return policy.apply(action, self)
 
-    def _act(self, action: policy.Action, diagnosis: Diagnosis | None) -> None:
-        """Bookkeeping of a decision before :func:`policy.apply` carries it out: a deferred stop, the fault."""
-        self._pending = diagnosis if action.defer else None
-        if not action.record or diagnosis is None:
-            return
-        if self.explain is not None and self.fault is None:
-            diagnosis = diagnosis.with_evidence(**self.explain(diagnosis))
-        self.journal.poison_let_through |= action.let_through
-        static = diagnosis.origin.phase == "static"
-        intact = static or (action.skip_update and not self.journal.poison_let_through and params_finite(self.model))
-        fault = self.journal.add_fault(diagnosis, 0 if static else self.step, intact)
-        if action.stop:
-            log.error("gradguard: %s at step %s: %s", fault.code, fault.step, fault.message)
-
-    def _crashed(self, error: Exception) -> None:
+    def _crashed(self, error: Exception) -> None:  # the model's forward raised: the run may be aborting
         self._crash = error
 
     def _warn_idle(self) -> None:
-        if self._warned_idle:
-            return
-        self._warned_idle = True
-        message = (
-            f"gradguard: check() was called with no backward since the last check (after step {self.step}): it "
-            "counts no step. Call it once per optimizer step, after loss.backward() and before optimizer.step()"
-        )
-        log.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if not self._warned_idle:
+            self._warned_idle = True
+            message = f"gradguard: check() was called with no backward since the last check (after step {self.step}): "
+            message += "it counts no step. Call it once per step, after loss.backward(), before optimizer.step()"
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _reset(self) -> None:
-        if self.probes is not None:
-            self.probes.reset()
-        if self.tracer is not None:
-            self.tracer.reset()
+        if self.checker is not None:
+            self.checker.reset()
 
     def _detach(self) -> None:
-        for part in (self.probes, self.tracer):
-            if part is not None:
-                try:
-                    part.detach()
-                except Exception:  # pragma: no cover - detaching must not fail twice
-                    log.debug("gradguard: detaching %s failed", type(part).__name__, exc_info=True)
+        if self.checker is not None:
+            self.checker.detach()
 
     # -- for the front doors -------------------------------------------------------------------------------
     def contain(self, exc: BaseException) -> None:
@@ -399,14 +321,11 @@ class Guard:
 
     def add_finding(self, *findings: Finding) -> None:
         """Record findings a front door made (e.g. the HF callback's ``masked_nonfinite_log``)."""
-        self.journal.add(findings)
+        self.journal.add(map(self.options.rated, findings))
 
     def module_norms(self) -> dict[str, float]:
         """The last step's gradient norm of every module holding trainable parameters (one host read)."""
-        if self.probes is None or self.reader is None:
-            return {}
-        rows = self.reader.module_norms(1)
-        return dict(zip(self.probes.modules, rows[-1])) if rows else {}
+        return self.checker.module_norms() if self.checker is not None else {}
 
     # -- output ------------------------------------------------------------------------------------------
     def report(self) -> Report:
@@ -417,15 +336,7 @@ class Guard:
         """Write ``gradguard-report.json`` / ``.md`` into ``report_dir`` (rank 0 only); the path, or ``None``."""
         if self.writer is None or distributed.rank() != 0:
             return None
-        try:
-            return self.writer.write(report or self.report())
-        except Exception as exc:  # a bug of ours while rendering: contained; the JSON, which programs read, still
-            self.contain(exc)
-            return self.writer.write(self.report(), json_only=True)
-
-    def print(self, report: Report | None = None) -> None:
-        if distributed.rank() == 0:
-            print_report(report or self.report())
+        return self.writer.write(report or self.report(), on_bug=self.contain, again=self.report)
 
     # -- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

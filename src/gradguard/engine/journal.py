@@ -13,7 +13,7 @@ import sys
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ from gradguard.report.model import Fault, Finding, Report, Status, atomic_write
 log = logging.getLogger("gradguard")
 
 
+_TRAINS: dict[bool | None, str] = {True: "trainable", False: "frozen"}
+
+
 class Journal:
     """Everything the guard has seen so far, ready to become a :class:`Report`."""
 
@@ -41,7 +44,7 @@ class Journal:
         self.fault: Fault | None = None
         self.poison_let_through = False  # on_fault="warn" let a non-finite update reach the weights
         # The latest steps only (bounded under on_fault="warn"); the counts cover the whole run.
-        self.skipped_steps: deque[int] = deque(maxlen=1024)
+        self.skipped: deque[dict[str, Any]] = deque(maxlen=1024)  # {"step", "by"}: updates that did not happen
         self.nonfinite_loss_steps: deque[int] = deque(maxlen=1024)
         self.counts = {"nonfinite_loss_steps": 0, "skipped_steps": 0}
         self.history = History(history_size)
@@ -49,8 +52,9 @@ class Journal:
         self.environment: dict[str, Any] = {}
         self.exit: dict[str, Any] | None = None  # how a run that did not finish ended
 
-    def add(self, findings: Iterable[Finding]) -> None:
-        """Record findings; a step's finding seen again for the same group is counted instead."""
+    def add(self, findings: Iterable[Finding], *, quiet: bool = False) -> None:
+        """Record findings; a step's finding seen again for the same group is counted instead. Warnings and errors
+        are logged (once each), unless ``quiet``."""
         for f in findings:
             if f in self.findings:  # the same finding, passed on again (a trend error that became the fault)
                 continue
@@ -61,7 +65,7 @@ class Journal:
             if f.step is not None:
                 self.repeats[key] = 0
             self.findings.append(f)
-            if f.severity != "info":
+            if f.severity != "info" and not quiet:
                 log.warning("gradguard %s %s: %s", f.code, f.kind, f.message)
 
     def add_step(self, s: StepStats, *, scaler_skipped: bool = False) -> None:
@@ -72,8 +76,7 @@ class Journal:
             self.nonfinite_loss_steps.append(s.step)
             self.counts["nonfinite_loss_steps"] += 1
         if scaler_skipped:
-            self.skipped_steps.append(s.step)
-            self.counts["skipped_steps"] += 1
+            self.add_skipped(s.step, "fp16 GradScaler: gradients overflowed")
         row = {
             "loss": loss,
             "supervised": sum(n for n in s.supervised if n is not None) if s.supervised else None,
@@ -83,9 +86,28 @@ class Journal:
         self.history.add(s.step, row)
         self.recent.append({"step": s.step, **row})
 
+    def add_skipped(self, step: int, by: str) -> None:
+        """An update that did not happen: gradguard dropped it (a fault), or the fp16 GradScaler skipped it."""
+        self.skipped.append({"step": step, "by": by})
+        self.counts["skipped_steps"] += 1
+
     def add_fault(self, diagnosis: Diagnosis, step: int, weights_intact: bool) -> Fault:
-        """The run's fault (the first one: under ``on_fault="warn"`` later ones stay findings)."""
-        self.add([diagnosis.finding])
+        """The run's fault (the first one: under ``on_fault="warn"`` later ones stay findings), said in one log
+        line; the summary at the end of the run says the rest."""
+        finding = diagnosis.finding
+        if finding not in self.findings:
+            o = diagnosis.origin
+            where = ", ".join(str(x) for x in (o.group or o.module, o.role, _TRAINS.get(o.trainable)) if x)
+            when = "before step 1" if o.phase == "static" else f"at step {step}"
+            log.error(
+                "gradguard: %s %s %s: %s phase%s",
+                finding.code,
+                finding.kind,
+                when,
+                o.phase,
+                f", {where}" if where else "",
+            )
+        self.add([finding], quiet=True)
         if self.fault is None:
             finding = diagnosis.finding
             self.fault = Fault(
@@ -95,7 +117,7 @@ class Journal:
                 message=finding.message,
                 origin=diagnosis.origin,
                 weights_intact=weights_intact,
-                evidence=dict(diagnosis.evidence),
+                evidence=[dict(e) for e in diagnosis.evidence],
                 localization=dict(diagnosis.localization) if diagnosis.localization is not None else None,
             )
         return self.fault
@@ -124,7 +146,8 @@ class Journal:
         history = self.history.to_dict([g.name for g in groups])
         history["recent"] = list(self.recent)
         history["nonfinite_loss_steps"] = list(self.nonfinite_loss_steps)[-100:]
-        history["skipped_steps"] = list(self.skipped_steps)[-100:]
+        history["skipped_steps"] = [s["step"] for s in self.skipped][-100:]
+        history["skipped_updates"] = list(self.skipped)[-100:]
         history["counts"] = dict(self.counts)
         history["repeated_findings"] = {f"{c} {g or ''}".strip(): n for (c, g), n in self.repeats.items() if n}
         status: Status = "fault" if self.fault is not None else self.exit["status"] if self.exit else "healthy"
@@ -143,14 +166,14 @@ class Journal:
         return {
             "history": self.history.state_dict(),
             "nonfinite_loss_steps": list(self.nonfinite_loss_steps),
-            "skipped_steps": list(self.skipped_steps),
+            "skipped": list(self.skipped),
             "counts": dict(self.counts),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history.load_state_dict(state.get("history", {}))
         self.nonfinite_loss_steps.extend(state.get("nonfinite_loss_steps", []))
-        self.skipped_steps.extend(state.get("skipped_steps", []))
+        self.skipped.extend(state.get("skipped", []))
         self.counts.update(state.get("counts", {}))
 
 
@@ -166,8 +189,23 @@ class ReportWriter:
         self.folder = folder
         self.fallback: Path | None = None
 
-    def write(self, report: Report, *, json_only: bool = False) -> Path | None:
-        """The path of the JSON written, or ``None`` when neither folder could be written."""
+    def write(
+        self,
+        report: Report,
+        *,
+        json_only: bool = False,
+        on_bug: Callable[[BaseException], None] | None = None,
+        again: Callable[[], Report] | None = None,
+    ) -> Path | None:
+        """The path of the JSON written, or ``None`` when neither folder could be written. A failure that is not
+        I/O (a bug of gradguard's while rendering) goes to ``on_bug``; then the JSON alone, which programs read, is
+        written from ``again()`` (the report rebuilt, now with the bug's finding in it)."""
+        if on_bug is not None:
+            try:
+                return self.write(report, json_only=json_only)
+            except Exception as exc:
+                on_bug(exc)
+                return self.write(again() if again is not None else report, json_only=True)
         save = (lambda f: _save_json(report, f)) if json_only else report.save
         try:
             return save(self.fallback or self.folder)

@@ -97,6 +97,22 @@ class Options:
         level = wanted.get(finding.kind, wanted.get(finding.code))
         return dataclasses.replace(finding, severity=level) if level and level != finding.severity else finding
 
+    @classmethod
+    def of(cls, options: Options | None, knobs: Mapping[str, Any], **sizes: int) -> Options:
+        """The options a :class:`~gradguard.engine.guard.Guard` was given: an :class:`Options`, or its fields as
+        keywords (an unknown one is an error listing the known); ``sizes``: integer knobs that must be >= 1."""
+        if options is not None and knobs:
+            raise ConfigurationError(f"pass either options= or keyword options, not both (got {', '.join(knobs)})")
+        unknown = sorted(set(knobs) - {f.name for f in fields(cls)})
+        if unknown:
+            known = ", ".join(f.name for f in fields(cls))
+            raise ConfigurationError(f"unknown Guard option(s) {unknown}; the options are: {known}")
+        for name, value in sizes.items():
+            low = 4 if name == "history_size" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
+        return options if options is not None else cls(**knobs)
+
     @property
     def expected(self) -> list[str]:
         """``expect_trainable`` as a list (a single name is one entry)."""

@@ -24,7 +24,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from gradguard.engine.diagnosis import Diagnosis, plain
+from gradguard.engine.diagnosis import Diagnosis, fact, plain
 from gradguard.engine.guard import Guard
 from gradguard.engine.options import Options
 from gradguard.integrations import deepspeed  # imports no deepspeed
@@ -116,9 +116,10 @@ class GradGuard(Options, TrainerCallback, ExportableState):
         if guard.stopped:
             control.should_training_stop = True
 
-    def _explain(self, diagnosis: Diagnosis) -> dict[str, str]:
+    def _explain(self, diagnosis: Diagnosis) -> list[dict[str, Any]]:
         """What the Trainer's own logs show of this fault."""
-        return {"logged as": _MASKED} if diagnosis.kind == "nonfinite_loss" and self._masking else {}
+        masked = diagnosis.kind == "nonfinite_loss" and self._masking
+        return [fact("logged_as", f"logged as: {_MASKED}")] if masked else []
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

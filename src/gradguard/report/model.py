@@ -1,6 +1,6 @@
 """The report: one model that every output (console, JSON, Markdown, plot) is rendered from.
 
-The JSON form follows ``schema.json`` beside this file (``"schema": "gradguard.report/1"``). Fields are
+The JSON form follows ``schema.json`` beside this file (``"schema": "gradguard.report/2"``). Fields are
 only ever added within a schema version; ``Report.from_dict(report.to_dict()) == report``.
 """
 
@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from gradguard.codes import Severity, rule
 
-SCHEMA = "gradguard.report/1"
+SCHEMA = "gradguard.report/2"
+# Version 1 wrote a fault's evidence as a free-form object of sentences; it is still read (as facts).
+_READS = ("gradguard.report/1", SCHEMA)
 Phase = Literal["static", "data", "forward", "backward", "optimizer"]
 Status = Literal["healthy", "fault", "aborted", "interrupted"]
 
@@ -72,8 +74,14 @@ class Fault:
     message: str
     origin: Origin
     weights_intact: bool
-    evidence: dict[str, Any] = field(default_factory=dict)
+    # Facts behind the diagnosis: {"kind", "text", and where they apply "group", "module", "micro_batch", "rank",
+    # "value"} (schema.json, $defs/fact).
+    evidence: list[dict[str, Any]] = field(default_factory=list)
     localization: dict[str, Any] | None = None  # the replay's module and verdict; fields: docs/localization.md
+
+    def fact(self, kind: str) -> dict[str, Any] | None:
+        """The piece of evidence of ``kind`` (``"raw_loss"``, ``"first_nonfinite_output"`` …), if there is one."""
+        return next((e for e in self.evidence if e.get("kind") == kind), None)
 
 
 @dataclass
@@ -122,16 +130,21 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") not in _READS:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise ValueError(
                 f"not a gradguard report (schema {found!r}, expected {SCHEMA!r}); "
                 "pass the gradguard-report.json written by GradGuard or Guard"
             )
         fault = data.get("fault")
+        if fault is not None:
+            evidence = fault.get("evidence") or []
+            if isinstance(evidence, dict):  # version 1: {sentence: value}
+                evidence = [{"kind": "note", "text": f"{k}: {v}", "value": v} for k, v in evidence.items()]
+            fault = Fault(**{**fault, "origin": Origin(**fault["origin"]), "evidence": evidence})
         return cls(
             status=data["status"],
-            fault=None if fault is None else Fault(**{**fault, "origin": Origin(**fault["origin"])}),
+            fault=fault,
             findings=[Finding(**f) for f in data.get("findings", [])],
             groups=[GroupSummary(**g) for g in data.get("groups", [])],
             history=data.get("history", {}),

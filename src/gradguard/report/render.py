@@ -170,9 +170,8 @@ def _fault_panel(report: Report) -> Panel:
         lines.append(f"{label}: ", style="bold")
         lines.append(f"{text}\n")
     lines.append("weights: " + _weights(report) + "\n", style="green" if f.weights_intact else "bold red")
-    for key, value in f.evidence.items():
-        lines.append(f"{key}: ", style="bold")
-        lines.append(f"{value}\n")
+    for entry in f.evidence:
+        lines.append(f"{entry.get('text')}\n")
     return Panel(lines, title="gradguard: fault", border_style="red")
 
 
@@ -255,7 +254,7 @@ def to_markdown(report: Report) -> str:
             f"- **weights**: {_weights(report)}",
         ]
         out += [f"- **{label}**: {_md_escape(text)}" for label, text in _localization_lines(f.localization)]
-        out += [f"- **{k}**: {v}" for k, v in f.evidence.items()]
+        out += [f"- {e.get('text')}" for e in f.evidence]
         out.append("")
     elif report.exit:
         out += [_exit_line(report).removeprefix("gradguard: "), ""]
