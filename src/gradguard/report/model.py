@@ -78,19 +78,24 @@ class Fault:
 
 @dataclass
 class GroupSummary:
-    """A group's parameter counts (numels). ``trainable`` counts base + adapter parameters."""
+    """A group's parameter counts (numels): ``params == trainable + frozen``, adapters counted apart.
+
+    ``params`` are the module's own (base) weights, each counted once: a PEFT ``modules_to_save`` module counts
+    its trained copy, not the frozen original PEFT keeps beside it. ``adapter_params`` are added weights (LoRA
+    A/B and the like), ``adapter_trainable`` the trainable part of them.
+    """
 
     name: str
     role: str
-    params: int  # base parameters (adapters excluded)
-    trainable: int
-    frozen: int
+    params: int  # base parameters (a modules_to_save copy in place of its original; adapters excluded)
+    trainable: int  # base parameters that train
+    frozen: int  # base parameters that do not: params - trainable
     adapter_params: int
     adapter_trainable: int
-    tensors: int
+    tensors: int  # parameter tensors counted above
     state: Literal["trainable", "frozen", "partial", "adapters"]
     dtypes: list[str] = field(default_factory=list)
-    in_optimizer: int | None = None  # trainable numel found in the optimizer, when one was given
+    in_optimizer: int | None = None  # trainable numel (base + adapters) found in the optimizer, when one was given
     alias: str | None = None  # the short name the user wrote for it (expect_trainable), where it differs
 
 
