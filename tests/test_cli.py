@@ -238,7 +238,7 @@ def test_report_exit_status_gates_ci(capsys, tmp_path):
     from gradguard.report.model import Finding, GroupSummary
 
     groups = [GroupSummary("llm", "language", 8, 8, 0, 0, 0, 1, "trainable")]
-    error = Finding.of("dead_gradient", "llm: no gradient for 3 steps", "check the graph", "llm", step=3)
+    error = Finding.of("dead_gradient", "llm: no gradient for 3 steps", "check", "llm", severity="error", step=3)
     warning = Finding.of("partial_freeze", "llm: 1 of 8 tensors frozen", "check", "llm")
     exit_info = {"status": "aborted", "type": "RuntimeError", "message": "boom", "last_step": 2}
     cases = {

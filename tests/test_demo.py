@@ -45,7 +45,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, str, Path]
     # The timeout only guards against a hang (the demo takes ~15 s of CPU here); it is not a speed test.
     with open(log, "w") as fh:
         proc = subprocess.run(
-            [".venv/bin/gradguard", "demo"], stdout=fh, stderr=subprocess.PIPE, text=True, timeout=300, env=_env(), cwd=root
+            [".venv/bin/gradguard", "demo"],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            env=_env(),
+            cwd=root,
         )
     return proc.returncode, log.read_text(), proc.stderr, root
 
@@ -86,7 +92,9 @@ def test_the_printed_next_steps_work_verbatim(demo):
     assert len(commands) == 2, out[-2000:]
     assert all(c.startswith(".venv/bin/gradguard ") for c in commands), commands  # not on the PATH: its path
     for command in commands:
-        proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, env=_env(), cwd=root)
+        proc = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=300, env=_env(), cwd=root
+        )
         assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-2000:])
     assert (root / "gradguard.png").stat().st_size > 20_000
 

@@ -2,8 +2,9 @@
 
 How the runner reads a page:
 
-- ```` ```python ```` blocks run **in order, in one fresh namespace per page**, in a subprocess whose working
-  directory is a new temporary folder (so ``report_dir="out"`` writes there). A page whose snippets need a model,
+- ```` ```python ```` blocks run **in order, in one fresh namespace per page**, in a process of the page's own
+  (forked from one that imported torch and transformers, see ``ZYGOTE``) whose working directory is a new
+  temporary folder (so ``report_dir="out"`` writes there). A page whose snippets need a model,
   arguments or data shows that set-up as a block of its own, visibly, before them: nothing is hidden.
 - ```` ```bash ```` blocks whose first command is ``gradguard …`` (the console script of this environment) or
   ``./scripts/…`` run too, in the same folder, with ``bash -e -o pipefail``. Other shell blocks (``pip install``,
@@ -23,18 +24,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "frameworks").glob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "docs" / "frameworks").glob("*.md")),
+]
 MARKER = re.compile(r"^<!-- docs-runner: skip \((?P<reason>[^()]+)\) -->$")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
 SHELL = {"bash", "sh", "shell", "console"}
@@ -56,7 +64,9 @@ class Block:
         if self.lang == "python":
             return True
         if self.lang in SHELL:
-            first = next((ln.split()[0] for ln in self.code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+            first = next(
+                (ln.split()[0] for ln in self.code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), ""
+            )
             return first == "gradguard" or first.startswith("./scripts/")
         return False
 
@@ -93,61 +103,128 @@ def extract(path: Path) -> list[Block]:
     return blocks
 
 
-# The program each page runs in: one namespace for the page's Python blocks, shell blocks beside them.
-DRIVER = r'''
-import json, os, subprocess, sys, traceback
-blocks = json.load(open(sys.argv[1]))
-namespace = {"__name__": "__main__"}
-for b in blocks:
-    where = f"{os.path.relpath(b['page'], sys.argv[2])}:{b['line']}"
-    print(f"[docs-runner] {where} ({b['lang']})", flush=True)
-    if b["lang"] == "python":
+# Running a page: the blocks run in a child process forked from a "zygote" that imported torch, transformers and
+# peft once (about 10 s on these machines, which a subprocess per page would pay ten times over). A forked child
+# starts from the zygote's state, which is that of a fresh interpreter with those modules imported: the page's
+# namespace is new, and nothing a page does reaches the zygote or the next page.
+ZYGOTE = r"""
+import json, os, signal, subprocess, sys, traceback
+
+import peft, torch, transformers  # noqa: F401  (the imports every page would pay)
+from transformers import Trainer, TrainingArguments  # noqa: F401  (transformers imports these lazily)
+
+
+def run_blocks(blocks, root):
+    namespace = {"__name__": "__main__"}
+    for b in blocks:
+        where = f"{os.path.relpath(b['page'], root)}:{b['line']}"
+        print(f"[docs-runner] {where} ({b['lang']})", flush=True)
+        if b["lang"] == "python":
+            try:
+                # Padded with newlines so that line numbers in a traceback are the page's own.
+                exec(compile("\n" * (b["line"] - 1) + b["code"], b["page"], "exec"), namespace)
+            except BaseException:
+                traceback.print_exc()
+                print(f"[docs-runner] FAILED: the block at {where} raised", flush=True)
+                return 1
+        else:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b["code"]])
+            if proc.returncode:
+                print(f"[docs-runner] FAILED: the commands at {where} exited {proc.returncode}", flush=True)
+                return 1
+    return 0
+
+
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the page's process
+        code = 1
         try:
-            # Padded with newlines so that line numbers in a traceback are the page's own.
-            exec(compile("\n" * (b["line"] - 1) + b["code"], b["page"], "exec"), namespace)
+            os.chdir(req["cwd"])
+            for fd, name in ((1, "stdout"), (2, "stderr")):
+                os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            signal.alarm(int(req["timeout"]))  # a hang ends the page, not the suite
+            code = run_blocks(json.load(open(req["blocks"])), req["root"])
         except BaseException:
             traceback.print_exc()
-            print(f"[docs-runner] FAILED: the block at {where} raised", flush=True)
-            sys.exit(1)
-    else:
-        proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", b["code"]])
-        if proc.returncode:
-            print(f"[docs-runner] FAILED: the commands at {where} exited {proc.returncode}", flush=True)
-            sys.exit(1)
-    sys.stdout.flush()
-'''
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
 
 
-def run_page(path: Path, workdir: Path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run the page's runnable blocks in a fresh interpreter in ``workdir``; returns the finished process."""
-    blocks = [b for b in extract(path) if b.runs]
-    for b in blocks:  # the suite must not start itself (the README's ./scripts/test.sh)
-        if "scripts/test.sh" in b.code:
-            raise ValueError(f"{b.page}:{b.line}: mark this block `<!-- docs-runner: skip (...) -->`")
-    spec = workdir / ".docs-runner-blocks.json"
-    spec.write_text(json.dumps([asdict(b) for b in blocks]))
-    env = {
-        **os.environ,
-        # The console script of this environment first on the PATH: `gradguard …` blocks run this gradguard.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")] if p),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_MODE": "disabled",
-        "MPLBACKEND": "Agg",
-        "DS_ACCELERATOR": "cpu",
-    }
-    return subprocess.run(
-        [sys.executable, "-c", DRIVER, str(spec), str(ROOT)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@dataclass
+class PageRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner:
+    """Runs pages in forks of one zygote process (see :data:`ZYGOTE`); ``close()`` ends it."""
+
+    def __init__(self) -> None:
+        env = {
+            **os.environ,
+            # The console script of this environment first on the PATH: `gradguard …` blocks run this gradguard.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")] if p),
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "disabled",
+            "MPLBACKEND": "Agg",
+            "DS_ACCELERATOR": "cpu",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self._reply(300)
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"the docs runner's zygote did not answer within {timeout:.0f} s")
+        return dict(json.loads(line))
+
+    def run(self, path: Path, workdir: Path, timeout: float = TIMEOUT_S) -> PageRun:
+        """Run the page's runnable blocks in ``workdir``; returns the exit status and the output."""
+        blocks = [b for b in extract(path) if b.runs]
+        for b in blocks:  # the suite must not start itself (the README's ./scripts/test.sh)
+            if "scripts/test.sh" in b.code:
+                raise ValueError(f"{b.page}:{b.line}: mark this block `<!-- docs-runner: skip (...) -->`")
+        files = {name: workdir / f".docs-runner-{name}" for name in ("blocks", "stdout", "stderr")}
+        files["blocks"].write_text(json.dumps([asdict(b) for b in blocks]))
+        request = {**{k: str(v) for k, v in files.items()}, "cwd": str(workdir), "root": str(ROOT), "timeout": timeout}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        code = int(self._reply(timeout + 60)["code"])
+        return PageRun(code, files["stdout"].read_text(), files["stderr"].read_text())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[Runner]:
+    r = Runner()
+    yield r
+    r.close()
 
 
 def _ids(pages: list[Path]) -> list[str]:
@@ -155,13 +232,15 @@ def _ids(pages: list[Path]) -> list[str]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_ids(PAGES))
-def test_page_runs_as_written(page: Path, tmp_path: Path) -> None:
+def test_page_runs_as_written(page: Path, tmp_path: Path, runner: Runner) -> None:
     if not any(b.runs for b in extract(page)):
         pytest.skip("no runnable block on this page")
     start = time.monotonic()
-    proc = run_page(page, tmp_path)
+    proc = runner.run(page, tmp_path)
     took = time.monotonic() - start
-    assert proc.returncode == 0, f"{page.relative_to(ROOT)} ({took:.0f} s):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{page.relative_to(ROOT)} ({took:.0f} s):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 def test_every_page_is_read_and_its_markers_are_well_formed() -> None:
@@ -184,7 +263,7 @@ def _page(tmp_path: Path, text: str) -> Path:
     return page
 
 
-def test_runner_fails_a_raising_block_and_points_at_its_line(tmp_path: Path) -> None:
+def test_runner_fails_a_raising_block_and_points_at_its_line(tmp_path: Path, runner: Runner) -> None:
     page = _page(
         tmp_path,
         """\
@@ -201,13 +280,15 @@ def test_runner_fails_a_raising_block_and_points_at_its_line(tmp_path: Path) -> 
         ```
         """,
     )
-    proc = run_page(page, tmp_path)
+    proc = runner.run(page, tmp_path)
     assert proc.returncode == 1
     assert "NameError" in proc.stderr and f'File "{page}", line 10' in proc.stderr
     assert "FAILED: the block at" in proc.stdout and "page.md:10" in proc.stdout
 
 
-def test_runner_shares_one_namespace_per_page_skips_marked_blocks_and_runs_gradguard_commands(tmp_path: Path) -> None:
+def test_runner_shares_one_namespace_per_page_skips_marked_blocks_and_runs_gradguard_commands(
+    tmp_path: Path, runner: Runner
+) -> None:
     page = _page(
         tmp_path,
         """\
@@ -249,15 +330,15 @@ def test_runner_shares_one_namespace_per_page_skips_marked_blocks_and_runs_gradg
     ]
     work = tmp_path / "work"
     work.mkdir()
-    proc = run_page(page, work)
+    proc = runner.run(page, work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (work / "answer.txt").read_text() == "42"
     assert "nonfinite_loss" in (work / "explain.txt").read_text()
 
 
-def test_runner_fails_a_failing_command_and_rejects_bad_markers(tmp_path: Path) -> None:
+def test_runner_fails_a_failing_command_and_rejects_bad_markers(tmp_path: Path, runner: Runner) -> None:
     page = _page(tmp_path, "```bash\ngradguard explain GG999\n```\n")
-    proc = run_page(page, tmp_path)
+    proc = runner.run(page, tmp_path)
     assert proc.returncode == 1 and "exited 2" in proc.stdout
     bad = _page(tmp_path, "<!-- docs-runner: skip needs a GPU -->\n```python\npass\n```\n")
     with pytest.raises(ValueError, match="write the marker exactly"):
@@ -268,9 +349,13 @@ def test_runner_fails_a_failing_command_and_rejects_bad_markers(tmp_path: Path) 
 
 
 if __name__ == "__main__":  # python tests/test_docs_run.py PAGE...: run pages by hand, with their output
-    for arg in sys.argv[1:] or [str(p) for p in PAGES]:
-        with tempfile.TemporaryDirectory() as work:
-            t0 = time.monotonic()
-            result = run_page(Path(arg).resolve(), Path(work))
-            sys.stdout.write(result.stdout[-4000:] + result.stderr[-4000:])
-            print(f"== {arg}: exit {result.returncode} in {time.monotonic() - t0:.1f} s")
+    page_runner = Runner()
+    try:
+        for arg in sys.argv[1:] or [str(p) for p in PAGES]:
+            with tempfile.TemporaryDirectory() as work:
+                t0 = time.monotonic()
+                result = page_runner.run(Path(arg).resolve(), Path(work))
+                sys.stdout.write(result.stdout[-4000:] + result.stderr[-4000:])
+                print(f"== {arg}: exit {result.returncode} in {time.monotonic() - t0:.1f} s")
+    finally:
+        page_runner.close()

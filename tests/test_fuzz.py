@@ -304,9 +304,7 @@ def check_structure(model: nn.Module) -> None:
     audit = audit_requires_grad(model, optimizer=opt)
     # the counts add up, per group and in total: every parameter once, except a frozen original that a
     # modules_to_save copy (a parameter under `modules_to_save.`) stands in for
-    stand_ins = {
-        (g.name, i.path) for g in gmap for i in g.params if i.adapter and ".modules_to_save." in f".{i.name}"
-    }
+    stand_ins = {(g.name, i.path) for g in gmap for i in g.params if i.adapter and ".modules_to_save." in f".{i.name}"}
     hidden = sum(
         i.param.numel()
         for g in gmap

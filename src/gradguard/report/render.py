@@ -196,21 +196,49 @@ def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None 
     return _GroupTable(groups, history)
 
 
-def _finding_lines(findings: Sequence[Finding]) -> Table:
-    table = Table.grid(padding=(0, 1))
-    table.add_column(no_wrap=True)
-    table.add_column(no_wrap=True)  # the code and the group name: never cut, never broken
-    table.add_column()
-    for f in findings:
-        where = f" [{f.group}]" if f.group else ""
-        step = f" step {f.step}" if f.step is not None else ""
-        table.add_row(
-            Text(f.severity, style=_SEVERITY_STYLE[f.severity]),
-            Text(f"{f.code}{step}{where}", style="bold"),
-            Text(f.message),
-        )
-        table.add_row("", "", Text(f"fix: {f.hint}", style="dim"))
-    return table
+class _Findings:
+    """The findings: a severity, a code with its group, and the message with its fix beside them.
+
+    The code and group column never shrinks (a group name is never cut); when the message column would get
+    narrower than :attr:`MIN_MESSAGE`, each finding is written as a heading line and the wrapped text below it.
+    """
+
+    MIN_MESSAGE = 30
+
+    def __init__(self, findings: Sequence[Finding]) -> None:
+        self.rows = []
+        for f in findings:
+            where = f" [{f.group}]" if f.group else ""
+            step = f" step {f.step}" if f.step is not None else ""
+            self.rows.append((f.severity, f"{f.code}{step}{where}", f.message, f"fix: {f.hint}"))
+
+    def grid(self) -> Table:
+        table = Table.grid(padding=(0, 1))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True)  # the code and the group name: never cut, never broken
+        table.add_column()
+        for severity, code, message, fix in self.rows:
+            table.add_row(Text(severity, style=_SEVERITY_STYLE[severity]), Text(code, style="bold"), Text(message))
+            table.add_row("", "", Text(fix, style="dim"))
+        return table
+
+    def stacked(self) -> Text:
+        out = Text()
+        for severity, code, message, fix in self.rows:
+            out.append(severity, style=_SEVERITY_STYLE[severity])
+            out.append(f" {code}\n", style="bold")
+            out.append(f"  {message}\n")
+            out.append(f"  {fix}\n", style="dim")
+        out.rstrip()
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        fixed = max((len(r[0]) for r in self.rows), default=0) + max((len(r[1]) for r in self.rows), default=0) + 2
+        yield self.grid() if fixed + self.MIN_MESSAGE <= options.max_width else self.stacked()
+
+
+def _finding_lines(findings: Sequence[Finding]) -> _Findings:
+    return _Findings(findings)
 
 
 def _ramp(frames: Sequence[dict[str, Any]]) -> str:
