@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from gradguard.core.groups import build_groups, is_saved_copy
+from gradguard.core.groups import GroupMap, build_groups, is_saved_copy
 from gradguard.report.format import fmt_count
 
 log = logging.getLogger("gradguard")
@@ -84,6 +84,33 @@ class RequiresGradChanges:
         return changes_renderable(self)
 
 
+def _count_changes(
+    after: GroupMap, before: dict[int, bool], was_trainable: dict[str, bool], changes: RequiresGradChanges
+) -> None:
+    """Fill ``changes`` per group: what went frozen, trainable, or was added, by numel."""
+    for g in after:
+        c = changes.groups.setdefault(g.name, GroupChange(g.name, g.role))
+        c.was_trainable = was_trainable.get(g.name, False)
+        c.now_trainable = g.trainable
+        # A modules_to_save copy is the module's weights from now on (see audit.counted_params): its original
+        # going frozen is not "froze", and the copy is not an "adapter".
+        copies = {info.path for info in g.adapters if is_saved_copy(info) and before.get(id(info.param)) is None}
+        for info in g.params:
+            p = info.param
+            old = before.get(id(p))
+            if old is None:
+                if p.requires_grad and info.path in copies:
+                    c.copied += p.numel()
+                elif p.requires_grad:
+                    c.added_trainable += p.numel()
+                else:
+                    c.added_frozen += p.numel()
+            elif old and not p.requires_grad and info.path not in copies:
+                c.frozen += p.numel()
+            elif not old and p.requires_grad:
+                c.unfrozen += p.numel()
+
+
 @contextmanager
 def track_requires_grad(
     model: nn.Module, expect_trainable: str | Sequence[str] | None = None
@@ -118,28 +145,7 @@ def track_requires_grad(
         expected |= {g.name for g in before_groups.resolve(sel, "expect_trainable entry")}
     changes = RequiresGradChanges()
     yield changes
-    after = build_groups(model)
-    for g in after:
-        c = changes.groups.setdefault(g.name, GroupChange(g.name, g.role))
-        c.was_trainable = was_trainable.get(g.name, False)
-        c.now_trainable = g.trainable
-        # A modules_to_save copy is the module's weights from now on (see audit.counted_params): its original
-        # going frozen is not "froze", and the copy is not an "adapter".
-        copies = {info.path for info in g.adapters if is_saved_copy(info) and before.get(id(info.param)) is None}
-        for info in g.params:
-            p = info.param
-            old = before.get(id(p))
-            if old is None:
-                if p.requires_grad and info.path in copies:
-                    c.copied += p.numel()
-                elif p.requires_grad:
-                    c.added_trainable += p.numel()
-                else:
-                    c.added_frozen += p.numel()
-            elif old and not p.requires_grad and info.path not in copies:
-                c.frozen += p.numel()
-            elif not old and p.requires_grad:
-                c.unfrozen += p.numel()
+    _count_changes(build_groups(model), before, was_trainable, changes)
     deliberate = any(not t for t in was_trainable.values())  # something was frozen on purpose before
     for c in changes.groups.values():
         if c.frozen and c.was_trainable and not c.now_trainable and (deliberate or c.group in expected):
