@@ -55,8 +55,39 @@ def test_seed_fixed_with_modules_to_save() -> None:
     audit = audit_requires_grad(model, expect_trainable=["vpm", "resampler"])
     assert audit.ok, audit
     states = {g.name: g.state for g in audit.groups}
-    assert states["vpm"] == "adapters" and states["resampler"] == "adapters" and states["llm"] == "adapters"
+    # A modules_to_save module trains in full (through PEFT's copy): "trainable", not "adapters".
+    assert states["vpm"] == "trainable" and states["resampler"] == "trainable" and states["llm"] == "adapters"
     assert not changes.suspicious and not [w for w in caught if w.category is FrozenByWrapWarning]
+    assert set(changes.copied) == {"vpm", "resampler"} and not changes.frozen
+    assert "resampler (connector): trains 23.7K as a modules_to_save copy" in str(changes)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["resampler"], ["vpm", "resampler"]])
+def test_group_counts_add_up_on_a_real_peft_model(modules_to_save) -> None:
+    """params = trainable + frozen over each module's own weights, counted once; adapters apart (issue 15)."""
+    model, _, _ = seed_model(modules_to_save=modules_to_save)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    audit = audit_requires_grad(model, optimizer=optimizer)
+    bare = {name: sum(p.numel() for p in getattr(tiny_minicpmv2(), name).parameters()) for name in ("vpm", "resampler")}
+    saved = set(modules_to_save or [])
+    by_name = {g.name: g for g in audit.groups}
+    for g in audit.groups:
+        assert g.trainable + g.frozen == g.params, g
+        assert 0 <= g.adapter_trainable <= g.adapter_params
+        assert g.in_optimizer == g.trainable + g.adapter_trainable
+    for name in ("vpm", "resampler"):
+        g = by_name[name]
+        assert g.params == bare[name]  # the copy is not counted twice, and the original not beside it
+        if name in saved:  # trained in full through the copy: all of it trainable, no adapter
+            assert (g.trainable, g.frozen, g.adapter_params, g.state) == (bare[name], 0, 0, "trainable")
+        else:
+            assert (g.trainable, g.frozen, g.adapter_params, g.state) == (0, bare[name], 0, "frozen")
+    llm = by_name["llm"]
+    assert llm.trainable == 0 and llm.adapter_params == llm.adapter_trainable > 0 and llm.state == "adapters"
+    # Every tensor of the model is counted once, except the frozen originals PEFT keeps beside the copies.
+    originals = sum(bare[name] for name in saved)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(g.params + g.adapter_params for g in audit.groups) == total - originals
 
 
 def test_track_requires_grad_reports_what_get_peft_model_froze(caplog) -> None:

@@ -219,17 +219,62 @@ def test_explain_list(capsys):
 
 
 def test_report_console_and_markdown(capsys, fault_report_dir):
-    code, out, _ = run(capsys, "report", fault_report_dir)
-    assert code == 0
+    code, out, err = run(capsys, "report", fault_report_dir)
+    assert code == 1  # a fault: CI gates on it
     assert "gradguard: fault" in out and "GG101" in out and "model.layers" in out
-    code, md, _ = run(capsys, "report", fault_report_dir / "gradguard-report.json", "--markdown")
+    assert "not healthy (status fault)" in err and "--exit-zero" in err
+    code, md, _ = run(capsys, "report", fault_report_dir / "gradguard-report.json", "--markdown", "--exit-zero")
     assert code == 0
     assert md.startswith("# gradguard report: fault") and "## Module groups" in md
 
 
+def _saved(tmp_path: Path, name: str, report: Report) -> Path:
+    report.save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_report_exit_status_gates_ci(capsys, tmp_path):
+    """0 for a healthy report; 1 for a fault, an error finding, an aborted or interrupted run; --exit-zero: 0."""
+    from gradguard.report.model import Finding, GroupSummary
+
+    groups = [GroupSummary("llm", "language", 8, 8, 0, 0, 0, 1, "trainable")]
+    error = Finding.of("dead_gradient", "llm: no gradient for 3 steps", "check", "llm", severity="error", step=3)
+    warning = Finding.of("partial_freeze", "llm: 1 of 8 tensors frozen", "check", "llm")
+    exit_info = {"status": "aborted", "type": "RuntimeError", "message": "boom", "last_step": 2}
+    cases = {
+        "healthy": (Report(groups=groups, history={"steps": [1, 2]}), 0),
+        "healthy-with-a-warning": (Report(findings=[warning], groups=groups), 0),
+        "error-finding": (Report(findings=[error], groups=groups), 1),
+        "aborted": (Report(status="aborted", groups=groups, exit=exit_info), 1),
+        "interrupted": (Report(status="interrupted", exit={**exit_info, "status": "interrupted"}), 1),
+    }
+    for name, (report, expected) in cases.items():
+        folder = _saved(tmp_path, name, report)
+        for argv in ([], ["--markdown"], ["--plot", str(tmp_path / f"{name}.png")]):
+            code, _, err = run(capsys, "report", folder, *argv)
+            assert code == expected, (name, argv, err)
+            assert run(capsys, "report", folder, *argv, "--exit-zero")[0] == 0, (name, argv)
+
+
+def test_report_exit_status_from_the_shell(fault_report_dir, tmp_path):
+    """As in the issue: `gradguard report DIR; echo $?` through the console script."""
+    healthy = _saved(tmp_path, "healthy", Report(history={"steps": [1]}))
+    gradguard = Path(sys.executable).parent / "gradguard"
+    if not gradguard.exists():
+        pytest.skip("the gradguard console script is not installed in this environment")
+    for folder, status in ((fault_report_dir, "1"), (healthy, "0")):
+        proc = subprocess.run(
+            ["bash", "-c", f'"{gradguard}" report "{folder}" > /dev/null; echo $?'],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.stdout.strip() == status, proc.stderr
+
+
 def test_report_plot_writes_a_png(capsys, fault_report_dir, tmp_path):
     png = tmp_path / "plot" / "gradguard.png"
-    code, _, err = run(capsys, "report", fault_report_dir, "--plot", png)
+    code, _, err = run(capsys, "report", fault_report_dir, "--plot", png, "--exit-zero")
     assert code == 0, err
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

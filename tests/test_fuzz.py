@@ -302,15 +302,23 @@ def check_structure(model: nn.Module) -> None:
     trainable_ids = [p for p in params if p.requires_grad]
     opt = torch.optim.SGD(trainable_ids, lr=0.1) if trainable_ids else None
     audit = audit_requires_grad(model, optimizer=opt)
-    # the counts add up, per group and in total
+    # the counts add up, per group and in total: every parameter once, except a frozen original that a
+    # modules_to_save copy (a parameter under `modules_to_save.`) stands in for
+    stand_ins = {(g.name, i.path) for g in gmap for i in g.params if i.adapter and ".modules_to_save." in f".{i.name}"}
+    hidden = sum(
+        i.param.numel()
+        for g in gmap
+        for i in g.params
+        if not i.adapter and (g.name, i.path) in stand_ins and not i.param.requires_grad
+    )
     total = sum(p.numel() for p in params)
-    assert sum(s.params + s.adapter_params for s in audit.groups) == total
-    assert sum(s.trainable for s in audit.groups) == sum(p.numel() for p in trainable_ids)
+    assert sum(s.params + s.adapter_params for s in audit.groups) == total - hidden
+    assert sum(s.trainable + s.adapter_trainable for s in audit.groups) == sum(p.numel() for p in trainable_ids)
     for s in audit.groups:
         assert 0 <= s.adapter_trainable <= s.adapter_params
-        assert s.frozen == s.params - (s.trainable - s.adapter_trainable) >= 0
+        assert s.trainable + s.frozen == s.params and s.frozen >= 0
         if opt is not None:  # the optimizer holds exactly the trainable parameters
-            assert s.in_optimizer == s.trainable
+            assert s.in_optimizer == s.trainable + s.adapter_trainable
     # findings are real rules, and .ok agrees with them
     for f in audit.findings:
         assert rule(f.code).kind == f.kind

@@ -215,16 +215,3 @@ def test_pytest_plugin_in_a_real_pytest_run(tmp_path) -> None:
     # The TrainingHealthError: the plugin adds the rendered report as a section of the failure.
     assert "Captured gradguard report call" in out
     assert "\x1b[" not in out
-
-
-@pytest.mark.parametrize("page", ["integrations.md", "testing.md"])
-def test_the_self_contained_doc_snippets_run(page, tmp_path, monkeypatch) -> None:
-    """Every python block of the page that starts with an import is a complete program: run it."""
-    import re
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("import ")]
-    assert blocks, page
-    monkeypatch.chdir(tmp_path)  # snippets may write a report_dir
-    for block in blocks:
-        exec(compile(block, f"{page} snippet", "exec"), {"__name__": "__snippet__"})

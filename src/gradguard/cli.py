@@ -1,11 +1,12 @@
 """The ``gradguard`` command: ``audit`` · ``report`` · ``explain`` · ``demo``.
 
-Exit status: 0 all good; 1 the audit found an error (a CI job fails); 2 bad usage (a wrong option, an
-unknown target or code, an unreadable file: one line on stderr says what is wrong and how to fix it);
+Exit status: 0 all good; 1 the audit found an error, or the report is not healthy (a CI job fails); 2 bad
+usage (a wrong option, an unknown target or code, an unreadable file: one line on stderr says what is wrong
+and how to fix it);
 3 an unexpected error inside gradguard (one line, ``--debug`` shows the traceback).
 
     $ gradguard audit ./my-model --lora-target q_proj,v_proj --expect vision
-    $ gradguard report ./output --plot gradguard.png
+    $ gradguard report ./output --plot gradguard.png --exit-zero
     $ gradguard explain GG101
     $ gradguard demo
 """
@@ -55,12 +56,10 @@ def _split(value: str | None) -> list[str]:
 
 
 def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
+    from gradguard.report.render import make_console
 
-    # Piped or captured output gets 120 columns (rich's default of 80 truncates module paths).
-    stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() or "COLUMNS" in os.environ else 120
-    return Console(stderr=stderr, highlight=False, width=width)
+    # Piped or captured output: COLUMNS, else a generous width (rich's default of 80 cut module paths).
+    return make_console(stderr=stderr)
 
 
 @contextlib.contextmanager
@@ -387,20 +386,37 @@ def _parse_groups(values: Sequence[str] | None) -> dict[str, str] | None:
 # -- gradguard report -------------------------------------------------------------------------------------
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def report_exit_status(report: Any) -> int:
+    """``gradguard report``'s exit status: 0 for a healthy report; 1 (:data:`ERRORS`) when it holds a fault or
+    an error finding, or the run ended ``aborted`` / ``interrupted``, so that CI can gate on it.
+
+    >>> from gradguard.report.model import Report
+    >>> report_exit_status(Report()), report_exit_status(Report(status="aborted"))
+    (0, 1)
+    """
+    healthy = report.status == "healthy" and report.ok
+    return OK if healthy else ERRORS
+
+
+def _load_report(path: str) -> Any:
     from gradguard.report.model import Report
-    from gradguard.report.render import to_markdown
 
     try:
-        report = Report.load(args.path)
+        return Report.load(path)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     except IsADirectoryError:
-        raise UsageError(f"{args.path}: pass gradguard-report.json or the folder that holds it") from None
+        raise UsageError(f"{path}: pass gradguard-report.json or the folder that holds it") from None
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{args.path} is not valid JSON ({exc})") from None
+        raise UsageError(f"{path} is not valid JSON ({exc})") from None
     except (ValueError, TypeError, KeyError) as exc:
-        raise UsageError(f"{args.path}: {exc}") from None
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gradguard.report.render import to_markdown
+
+    report = _load_report(args.path)
     if args.plot:
         try:
             from gradguard.report.plot import plot_report
@@ -415,6 +431,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.write(to_markdown(report))
     elif not args.plot or args.show:
         _console().print(report)
+    status = report_exit_status(report)
+    if status and not args.exit_zero:
+        # Said on stderr, so that a CI log shows why the job failed even when stdout went to a file.
+        print(
+            f"gradguard report: the report is not healthy (status {report.status}); exit status {status} "
+            "(--exit-zero to always exit 0)",
+            file=sys.stderr,
+        )
+        return status
     return OK
 
 
@@ -473,12 +498,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gradguard",
         description="Training-health diagnostics for PyTorch: what will train, what went wrong, where.",
-        epilog="Exit status: 0 ok, 1 the audit found errors, 2 bad usage, 3 internal error. Docs: docs/cli.md",
+        epilog="Exit status: 0 ok, 1 the audit found errors or the report is not healthy, 2 bad usage, 3 internal "
+        "error. Docs: docs/cli.md",
     )
     parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_audit(sub)
+    _add_report(sub)
+    _add_explain(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_audit(sub: Any) -> None:
     audit = sub.add_parser(
         "audit",
         help="which module groups will train, before a step runs (exit 1 on errors)",
@@ -515,10 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.set_defaults(func=cmd_audit)
 
+
+def _add_report(sub: Any) -> None:
     report = sub.add_parser(
         "report",
-        help="render a saved gradguard-report.json (console, Markdown, plot)",
-        description="Render the report GradGuard wrote (gradguard-report.json, or the folder that holds it).",
+        help="render a saved gradguard-report.json (console, Markdown, plot); exit 1 unless it is healthy",
+        description="Render the report GradGuard wrote (gradguard-report.json, or the folder that holds it). "
+        "Exits 1 when the report holds a fault or an error finding, or the run was aborted or interrupted "
+        "(a CI gate); 0 for a healthy report.",
     )
     report.add_argument("path", metavar="PATH", help="gradguard-report.json or its folder (e.g. the output_dir)")
     report.add_argument("--markdown", action="store_true", help="print Markdown instead of the console rendering")
@@ -526,8 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="FILE.png", help="write grad norms and loss over steps as a PNG (needs gradguard[plot])"
     )
     report.add_argument("--show", action="store_true", help="with --plot, also print the report")
+    report.add_argument(
+        "--exit-zero", action="store_true", help="exit 0 even when the report is not healthy (render only)"
+    )
     report.set_defaults(func=cmd_report)
 
+
+def _add_explain(sub: Any) -> None:
     explain = sub.add_parser(
         "explain",
         help="what a finding code means, why it matters, how to fix it",
@@ -538,15 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--plain", action="store_true", help="plain Markdown text, no rich rendering")
     explain.set_defaults(func=cmd_explain)
 
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="the MiniCPM-V LoRA story end to end, offline, in seconds",
         description="A LoRA fine-tune of a tiny MiniCPM-V-2.x-shaped model goes NaN: first the plain HF "
         "Trainer (loss 0.0, grad_norm nan), then the same run with GradGuard.",
     )
-    demo.add_argument("--output", metavar="DIR", help="where to write the report (default: a new temp folder)")
+    demo.add_argument(
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="where to write the report (default: ./gradguard-demo in the current directory)",
+    )
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

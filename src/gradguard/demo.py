@@ -11,8 +11,8 @@ real Hugging Face ``Trainer`` on a tiny random-weight model (built from a config
 The NaN is injected (:func:`gradguard.testing.faults.inject_nan` on the resampler's forward output) to
 reproduce deterministically what fp16 overflow does in the real model.
 
-    $ gradguard demo --output ./gradguard-demo
-    $ gradguard report ./gradguard-demo --plot gradguard.png
+    $ gradguard demo                      # the report goes to ./gradguard-demo
+    $ gradguard report gradguard-demo --plot gradguard.png --exit-zero
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import contextlib
 import logging
 import math
 import os
+import shlex
+import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -31,6 +34,8 @@ import torch
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
+
+from gradguard.report.format import fmt_float
 
 STEPS = 6  # optimizer steps per run
 FAULT_STEP = 3  # the resampler's output is NaN from this step on (steps 1 and 2 look healthy)
@@ -172,94 +177,126 @@ def _train(model: Any, workdir: str, console: Console, label: str, callbacks: li
     return trainer
 
 
+DEFAULT_OUTPUT = "gradguard-demo"  # in the current directory: a stable, named folder the next commands can use
+
+
+def command_prefix() -> str:
+    """How to run ``gradguard`` again from this shell, for the commands the demo prints.
+
+    ``gradguard`` when the ``PATH`` finds the very script that is running; else that script's path as it was
+    run (``.venv/bin/gradguard`` from ``./scripts/demo.sh``, where the venv is not activated); else, for
+    ``python -m gradguard.cli`` or a call from Python, this interpreter with ``-m gradguard.cli``.
+
+    >>> command_prefix().endswith(("gradguard", "-m gradguard.cli"))
+    True
+    """
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.name == "gradguard" and script.is_file():
+        found = shutil.which("gradguard")
+        if found and Path(found).resolve() == script.resolve():
+            return "gradguard"
+        return shlex.quote(str(script) if script.is_absolute() or str(script).startswith(".") else f"./{script}")
+    return f"{shlex.quote(sys.executable)} -m gradguard.cli"
+
+
 def run_demo(output: str | os.PathLike[str] | None = None, console: Console | None = None) -> int:
-    """Run the demo; the report goes to ``output`` (default: a new temporary folder).
+    """Run the demo; the report goes to ``output`` (default: ``./gradguard-demo``, see :data:`DEFAULT_OUTPUT`).
 
     Returns 0 when gradguard caught the fault and kept the weights intact, 1 otherwise.
 
     >>> run_demo("gradguard-demo")  # doctest: +SKIP
     0
     """
+    from gradguard.report.render import make_console
+
+    console = console if console is not None else make_console()
+    out = Path(output if output is not None else DEFAULT_OUTPUT)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    _intro(console, out)
+    with _quiet(), tempfile.TemporaryDirectory(prefix="gradguard-demo-trainer-") as workdir:
+        _run_without(console, workdir, _show_setup(console))
+        report, audit, model, snapshots, steps = _run_with(console, workdir, out)
+    console.rule("[bold]4. What gradguard said")
+    return _summary(console, report, audit, model, snapshots, steps, out)
+
+
+def _intro(console: Console, out: Path) -> None:
+    console.print(
+        Panel(
+            "A LoRA fine-tune of a MiniCPM-V-2.x-shaped model with tune_vision=True, on the real Hugging Face "
+            "Trainer: first as users run it, then with gradguard.\nThe model is tiny (random weights, built from "
+            "a config: nothing is downloaded) and runs on the CPU.\n"
+            f"The report goes to {out}/ (--output DIR writes it elsewhere).",
+            title="gradguard demo",
+            border_style="cyan",
+        )
+    )
+
+
+def _show_setup(console: Console) -> Any:
+    """Section 1: the set-up and what ``get_peft_model`` changed. Returns the model, for run 1."""
+    console.rule("[bold]1. The set-up")
+    console.print(Text(SETUP_CODE, style="dim"))
+    model, changes, notes = build()
+    console.print("\n[bold]track_requires_grad[/]: what get_peft_model changed")
+    for line in changes.lines():
+        console.print(f"  {line}", markup=False)
+    for note in notes:
+        console.print(Text("  warning: ", style="yellow") + Text(note))
+    console.print(
+        f"\n[bold]The fault[/]: from step {FAULT_STEP} on, the resampler's forward output contains NaN. In the "
+        "real model, fp16 overflow does this; here it is injected to reproduce it deterministically:\n"
+        f"  [dim]inject_nan(model.resampler, start={FAULT_STEP})[/]   (gradguard.testing.faults)"
+    )
+    return model
+
+
+def _run_without(console: Console, workdir: str, model: Any) -> None:
+    console.rule("[bold]2. Run 1: Trainer, without gradguard")
+    trainer = _train(model, workdir, console, "run 1 (no gradguard)", [])
+    console.print(f"What the Trainer logs (logging_steps=1), {trainer.state.global_step} steps:")
+    for line in _log_lines(trainer.state.log_history):
+        console.print(f"  {line}", markup=False)
+    bad, total = _nonfinite(model)
+    console.print(
+        f"Training ran to the end and reported nothing wrong. Afterwards [bold red]{bad} of {total}[/] trainable "
+        "weight tensors hold NaN: the adapters and the resampler are destroyed, and 'loss 0.0' looked like "
+        "progress."
+    )
+
+
+def _run_with(console: Console, workdir: str, out: Path) -> tuple[Any, Any, Any, dict[int, dict[str, Any]], int]:
     from transformers import TrainerCallback
 
     from gradguard.core.audit import audit_requires_grad
     from gradguard.integrations.transformers import GradGuard
     from gradguard.report.model import Report
 
-    if console is None:
-        console = Console(highlight=False, width=None if os.isatty(1) or "COLUMNS" in os.environ else 120)
-    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="gradguard-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="gradguard-demo-trainer-")
-    torch.manual_seed(0)
-
+    console.rule("[bold]3. Run 2: the same set-up, with gradguard")
+    model, _, _ = build()
+    audit = audit_requires_grad(model, expect_trainable=EXPECT)
+    console.print(f"[bold]audit_requires_grad(model, expect_trainable={EXPECT!r})[/] before training:")
+    console.print(audit)
     console.print(
-        Panel(
-            "A LoRA fine-tune of a MiniCPM-V-2.x-shaped model with tune_vision=True, on the real Hugging Face "
-            "Trainer: first as users run it, then with gradguard.\nThe model is tiny (random weights, built from "
-            "a config: nothing is downloaded) and runs on the CPU.",
-            title="gradguard demo",
-            border_style="cyan",
-        )
+        "[dim]GradGuard(expect_trainable=...) would stop on this error before step 1 (a static fault). To "
+        "show the runtime fault as well, the run below uses GradGuard() without the intent.[/]\n"
     )
-    with _quiet():
-        # -- 1. set-up ------------------------------------------------------------------------------------
-        console.rule("[bold]1. The set-up")
-        console.print(Text(SETUP_CODE, style="dim"))
-        model, changes, notes = build()
-        console.print("\n[bold]track_requires_grad[/]: what get_peft_model changed")
-        for line in changes.lines():
-            console.print(f"  {line}", markup=False)
-        for note in notes:
-            console.print(Text("  warning: ", style="yellow") + Text(note))
-        console.print(
-            f"\n[bold]The fault[/]: from step {FAULT_STEP} on, the resampler's forward output contains NaN. In the "
-            "real model, fp16 overflow does this; here it is injected to reproduce it deterministically:\n"
-            f"  [dim]inject_nan(model.resampler, start={FAULT_STEP})[/]   (gradguard.testing.faults)"
-        )
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
-        # -- 2. without gradguard -----------------------------------------------------------------------------
-        console.rule("[bold]2. Run 1: Trainer, without gradguard")
-        trainer = _train(model, workdir, console, "run 1 (no gradguard)", [])
-        console.print(f"What the Trainer logs (logging_steps=1), {trainer.state.global_step} steps:")
-        for line in _log_lines(trainer.state.log_history):
-            console.print(f"  {line}", markup=False)
-        bad, total = _nonfinite(model)
-        console.print(
-            f"Training ran to the end and reported nothing wrong. Afterwards [bold red]{bad} of {total}[/] trainable "
-            "weight tensors hold NaN: the adapters and the resampler are destroyed, and 'loss 0.0' looked like "
-            "progress."
-        )
+    class Snapshot(TrainerCallback):  # the weights after every step, to prove "intact" below
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            snapshots[state.global_step] = {n: p.detach().clone() for n, p in _trainable(model).items()}
 
-        # -- 3. with gradguard --------------------------------------------------------------------------------
-        console.rule("[bold]3. Run 2: the same set-up, with gradguard")
-        model, _, _ = build()
-        audit = audit_requires_grad(model, expect_trainable=EXPECT)
-        console.print(f"[bold]audit_requires_grad(model, expect_trainable={EXPECT!r})[/] before training:")
-        console.print(audit)
-        console.print(
-            "[dim]GradGuard(expect_trainable=...) would stop on this error before step 1 (a static fault). To "
-            "show the runtime fault as well, the run below uses GradGuard() without the intent.[/]\n"
-        )
-        snapshots: dict[int, dict[str, torch.Tensor]] = {}
-
-        class Snapshot(TrainerCallback):  # the weights after every step, to prove "intact" below
-            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                snapshots[state.global_step] = {n: p.detach().clone() for n, p in _trainable(model).items()}
-
-        console.print(f"[bold]Trainer(..., callbacks=[GradGuard(report_dir={str(out)!r})]).train()[/]")
-        trainer = _train(
-            model, workdir, console, "run 2 (GradGuard)", [GradGuard(report_dir=str(out), console=False), Snapshot()]
-        )
-        console.print(f"What the Trainer logs, {trainer.state.global_step} steps:")
-        for line in _log_lines(trainer.state.log_history):
-            console.print(f"  {line}", markup=False)
-        report = Report.load(out)
-        console.print(report)
-
-    # -- 4. the story, from the report ------------------------------------------------------------------------
-    console.rule("[bold]4. What gradguard said")
-    return _summary(console, report, audit, model, snapshots, trainer.state.global_step, out)
+    console.print(f"[bold]Trainer(..., callbacks=\\[GradGuard(report_dir={str(out)!r})]).train()[/]")
+    guard = GradGuard(report_dir=str(out), console=False)
+    trainer = _train(model, workdir, console, "run 2 (GradGuard)", [guard, Snapshot()])
+    console.print(f"What the Trainer logs, {trainer.state.global_step} steps:")
+    for line in _log_lines(trainer.state.log_history):
+        console.print(f"  {line}", markup=False)
+    report = Report.load(out)
+    console.print(report)
+    return report, audit, model, snapshots, trainer.state.global_step
 
 
 def _summary(
@@ -278,7 +315,7 @@ def _summary(
     lines: list[str] = []
     if fault.kind == "nonfinite_loss":
         losses = dict(zip(report.history.get("steps", []), report.history.get("loss", [])))
-        raw = losses.get(fault.step, "NaN")
+        raw = fmt_float(losses.get(fault.step, "NaN"))
         lines.append(
             f"step {fault.step}: the loss is {raw}, not 0.0 (Trainer's logging_nan_inf_filter shows NaN as 0.0)"
         )
@@ -306,9 +343,15 @@ def _summary(
         console.print(Text("  • ") + Text(line))
     report_file = out / "gradguard-report.json"
     console.print(f"\nreport: {report_file}", markup=False, soft_wrap=True)
+    # Each printed as a whole line (soft_wrap) that works verbatim from this directory: `./scripts/demo.sh`
+    # runs `.venv/bin/gradguard`, which is not on the PATH unless the venv is activated.
+    prog, folder = command_prefix(), shlex.quote(str(out))
+    for command in (f"{prog} report {folder} --plot gradguard.png --exit-zero", f"{prog} explain {fault.code}"):
+        console.print(f"next:   {command}", markup=False, soft_wrap=True)
     console.print(
-        f"next:   gradguard report {out} --plot gradguard.png    ·    gradguard explain {fault.code}",
+        "        (gradguard report exits 1 for a report with a fault, so that CI can gate on it; --exit-zero "
+        "draws and exits 0)",
         markup=False,
-        soft_wrap=True,
+        style="dim",
     )
     return 0 if fault.weights_intact and not bad else 1

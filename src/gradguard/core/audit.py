@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradguard.core.groups import ROLES, Group, GroupMap, build_groups, is_glob, param_numel
+from gradguard.core.groups import ROLES, Group, GroupMap, ParamInfo, build_groups, is_glob, is_saved_copy, param_numel
 from gradguard.errors import ConfigurationError
 from gradguard.report.format import fmt_count
 from gradguard.report.model import Fault, Finding, GroupSummary, Origin, Report
@@ -65,13 +65,42 @@ class Audit:
         return render_text(self)
 
 
+def counted_params(group: Group) -> tuple[list[ParamInfo], list[ParamInfo]]:
+    """``(base, adapters)`` as the report counts them.
+
+    A ``modules_to_save`` module is trained in full through a copy, while PEFT keeps the frozen original beside
+    it (to switch the adapter off). The copy *is* the module's weights as far as training goes: it counts as
+    the module's base parameters, in place of the original, and not as an adapter. So ``params`` counts a
+    module's weights once, ``trainable + frozen == params``, and adapters are the added (LoRA-style) weights.
+    """
+    copies = [p for p in group.adapters if is_saved_copy(p)]
+    shadowed = {p.path for p in copies}
+    # Only a frozen original steps aside: one someone made trainable is training weights, and is counted.
+    base = [p for p in group.base if p.path not in shadowed or p.param.requires_grad] + copies
+    adapters = [p for p in group.adapters if not is_saved_copy(p)]
+    return base, adapters
+
+
 def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSummary:
-    base = [p.param for p in group.base]
-    adapters = [p.param for p in group.adapters]
-    n_base = sum(param_numel(p) for p in base)
-    base_train = sum(param_numel(p) for p in base if p.requires_grad)
-    n_adapt = sum(param_numel(p) for p in adapters)
-    adapt_train = sum(param_numel(p) for p in adapters if p.requires_grad)
+    """A group's counts for the report: ``params = trainable + frozen`` over its base weights; adapters apart.
+
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from gradguard.core.groups import build_groups
+    >>> from gradguard.testing.models import tiny_minicpmv2
+    >>> lora = LoraConfig(target_modules=r"llm\\..*\\.(q_proj|v_proj)", modules_to_save=["resampler"])
+    >>> gmap = build_groups(get_peft_model(tiny_minicpmv2(), lora))
+    >>> s = summarize(gmap.groups["resampler"])  # trained in full, through PEFT's copy
+    >>> s.params == s.trainable and s.frozen == 0 and s.adapter_params == 0, s.state
+    (True, 'trainable')
+    >>> s = summarize(gmap.groups["llm"])  # frozen, with LoRA adapters
+    >>> s.trainable, s.frozen == s.params, s.adapter_params == s.adapter_trainable > 0, s.state
+    (0, True, True, 'adapters')
+    """
+    base, adapters = counted_params(group)
+    n_base = sum(param_numel(p.param) for p in base)
+    base_train = sum(param_numel(p.param) for p in base if p.param.requires_grad)
+    n_adapt = sum(param_numel(p.param) for p in adapters)
+    adapt_train = sum(param_numel(p.param) for p in adapters if p.param.requires_grad)
     state: Literal["trainable", "frozen", "partial", "adapters"]
     if base and base_train == n_base:
         state = "trainable"
@@ -90,11 +119,11 @@ def summarize(group: Group, optimizer_ids: set[int] | None = None) -> GroupSumma
         name=group.name,
         role=group.role,
         params=n_base,
-        trainable=base_train + adapt_train,
+        trainable=base_train,
         frozen=n_base - base_train,
         adapter_params=n_adapt,
         adapter_trainable=adapt_train,
-        tensors=len(group.params),
+        tensors=len(base) + len(adapters),
         state=state,
         dtypes=sorted({str(p.param.dtype).removeprefix("torch.") for p in group.params}),
         in_optimizer=in_opt,
@@ -242,9 +271,8 @@ def check_trainable_at_all(gmap: GroupMap) -> list[Finding]:
 
 
 def _describe(s: GroupSummary) -> str:
-    base_train = s.trainable - s.adapter_trainable
     return (
-        f"{s.name}: {fmt_count(base_train)} of {fmt_count(s.params)} base params trainable; "
+        f"{s.name}: {fmt_count(s.trainable)} of {fmt_count(s.params)} base params trainable; "
         f"{fmt_count(s.adapter_trainable)} adapter params trainable"
     )
 
@@ -283,8 +311,7 @@ def check_intent(
     if intent:
         for g in gmap:
             s = summaries[g.name]
-            base_train = s.trainable - s.adapter_trainable
-            if g.name not in expected and base_train:
+            if g.name not in expected and s.trainable:
                 findings.append(
                     Finding.of(
                         "trainable_expected_frozen",

@@ -175,6 +175,12 @@ class ParamInfo:
     param: nn.Parameter = field(repr=False, compare=False)
 
 
+def is_saved_copy(info: ParamInfo) -> bool:
+    """Whether the parameter belongs to a PEFT ``modules_to_save`` copy (``resampler.modules_to_save.default.…``):
+    the module's trained weights, with the frozen original kept beside them."""
+    return info.adapter and ".modules_to_save." in f".{info.name}"
+
+
 @dataclass
 class Group:
     """A part of the model the user recognises, with its role and the parameters it owns.

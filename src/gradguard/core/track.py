@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from gradguard.core.groups import build_groups
+from gradguard.core.groups import GroupMap, build_groups, is_saved_copy
 from gradguard.report.format import fmt_count
 
 log = logging.getLogger("gradguard")
@@ -29,6 +29,7 @@ class GroupChange:
     unfrozen: int = 0  # base params that went False -> True
     added_trainable: int = 0  # new parameters (adapters) that require grad
     added_frozen: int = 0
+    copied: int = 0  # new trainable modules_to_save copies, which stand in for their (now frozen) originals
     was_trainable: bool = False
     now_trainable: bool = False
 
@@ -52,6 +53,11 @@ class RequiresGradChanges:
     def added(self) -> dict[str, int]:
         return {g: c.added_trainable for g, c in self.groups.items() if c.added_trainable}
 
+    @property
+    def copied(self) -> dict[str, int]:
+        """Groups now trained through a ``modules_to_save`` copy, with its size."""
+        return {g: c.copied for g, c in self.groups.items() if c.copied}
+
     def lines(self) -> list[str]:
         out = []
         for c in self.groups.values():
@@ -60,6 +66,8 @@ class RequiresGradChanges:
                 parts.append(f"froze {fmt_count(c.frozen)}")
             if c.unfrozen:
                 parts.append(f"unfroze {fmt_count(c.unfrozen)}")
+            if c.copied:
+                parts.append(f"trains {fmt_count(c.copied)} as a modules_to_save copy (the original is kept frozen)")
             if c.added_trainable:
                 parts.append(f"added {fmt_count(c.added_trainable)} trainable adapter params")
             if parts:
@@ -74,6 +82,33 @@ class RequiresGradChanges:
         from gradguard.report.render import changes_renderable
 
         return changes_renderable(self)
+
+
+def _count_changes(
+    after: GroupMap, before: dict[int, bool], was_trainable: dict[str, bool], changes: RequiresGradChanges
+) -> None:
+    """Fill ``changes`` per group: what went frozen, trainable, or was added, by numel."""
+    for g in after:
+        c = changes.groups.setdefault(g.name, GroupChange(g.name, g.role))
+        c.was_trainable = was_trainable.get(g.name, False)
+        c.now_trainable = g.trainable
+        # A modules_to_save copy is the module's weights from now on (see audit.counted_params): its original
+        # going frozen is not "froze", and the copy is not an "adapter".
+        copies = {info.path for info in g.adapters if is_saved_copy(info) and before.get(id(info.param)) is None}
+        for info in g.params:
+            p = info.param
+            old = before.get(id(p))
+            if old is None:
+                if p.requires_grad and info.path in copies:
+                    c.copied += p.numel()
+                elif p.requires_grad:
+                    c.added_trainable += p.numel()
+                else:
+                    c.added_frozen += p.numel()
+            elif old and not p.requires_grad and info.path not in copies:
+                c.frozen += p.numel()
+            elif not old and p.requires_grad:
+                c.unfrozen += p.numel()
 
 
 @contextmanager
@@ -110,23 +145,7 @@ def track_requires_grad(
         expected |= {g.name for g in before_groups.resolve(sel, "expect_trainable entry")}
     changes = RequiresGradChanges()
     yield changes
-    after = build_groups(model)
-    for g in after:
-        c = changes.groups.setdefault(g.name, GroupChange(g.name, g.role))
-        c.was_trainable = was_trainable.get(g.name, False)
-        c.now_trainable = g.trainable
-        for info in g.params:
-            p = info.param
-            old = before.get(id(p))
-            if old is None:
-                if p.requires_grad:
-                    c.added_trainable += p.numel()
-                else:
-                    c.added_frozen += p.numel()
-            elif old and not p.requires_grad:
-                c.frozen += p.numel()
-            elif not old and p.requires_grad:
-                c.unfrozen += p.numel()
+    _count_changes(build_groups(model), before, was_trainable, changes)
     deliberate = any(not t for t in was_trainable.values())  # something was frozen on purpose before
     for c in changes.groups.values():
         if c.frozen and c.was_trainable and not c.now_trainable and (deliberate or c.group in expected):

@@ -16,6 +16,7 @@ from typing import Any
 from gradguard.engine.diagnosis import Diagnosis, fact, origin_for
 from gradguard.engine.stats import GroupContext, StepStats
 from gradguard.errors import ConfigurationError
+from gradguard.report.format import fmt_float, fmt_value
 from gradguard.report.model import Finding, Origin
 
 FP16_MAX = 65504.0
@@ -135,7 +136,7 @@ def _data_fault(stats: StepStats) -> Diagnosis | None:
         f = Finding.of(
             "no_supervision",
             f"step {step}: micro-batch {micro} has no target tokens (all labels are -100)"
-            + (f", so its loss is {stats.losses[micro]}" if micro < len(stats.losses) else ""),
+            + (f", so its loss is {fmt_float(stats.losses[micro])}" if micro < len(stats.losses) else ""),
             "image tokens or a long prompt probably filled model_max_length and truncation cut the answer: "
             "raise model_max_length or drop samples whose labels are all -100",
             step=step,
@@ -158,9 +159,10 @@ def _nonfinite_fault(
     evidence: list[dict[str, Any]] = []
     if loss_bad:
         micro, value = loss_bad[0]
-        kind, what = "nonfinite_loss", f"the raw loss is {value} (micro-batch {micro})"
-        shown = ", ".join(f"{v:.4g}" for v in stats.losses)
-        evidence.append(fact("raw_loss", f"raw loss per micro-batch: [{shown}]", value=list(stats.losses)))
+        kind, what = "nonfinite_loss", f"the raw loss is {fmt_float(value)} (micro-batch {micro})"
+        evidence.append(
+            fact("raw_loss", f"raw loss per micro-batch: {fmt_value(stats.losses)}", value=list(stats.losses))
+        )
     elif stats.losses:
         kind, what = "nonfinite_grad", "the loss is finite but gradients are not"
     else:  # never say what was not observed: the loss may be NaN too

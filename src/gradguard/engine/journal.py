@@ -239,10 +239,10 @@ def _name(exc: BaseException) -> str:
 
 
 def print_report(report: Report) -> None:
-    """The summary on stderr (rich)."""
-    from rich.console import Console
+    """The summary on stderr (rich), at a width that never cuts a group name in a log file (``make_console``)."""
+    from gradguard.report.render import make_console
 
-    Console(stderr=True).print(report)
+    make_console(stderr=True).print(report)
 
 
 def environment(model: nn.Module, optimizer: Any, scaler: Any) -> dict[str, Any]:

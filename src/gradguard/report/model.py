@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradguard.codes import Severity, rule
+from gradguard.report.format import fmt_value
 
 SCHEMA = "gradguard.report/2"
 # Version 1 wrote a fault's evidence as a free-form object of sentences; it is still read (as facts).
@@ -86,19 +87,24 @@ class Fault:
 
 @dataclass
 class GroupSummary:
-    """A group's parameter counts (numels). ``trainable`` counts base + adapter parameters."""
+    """A group's parameter counts (numels): ``params == trainable + frozen``, adapters counted apart.
+
+    ``params`` are the module's own (base) weights, each counted once: a PEFT ``modules_to_save`` module counts
+    its trained copy, not the frozen original PEFT keeps beside it. ``adapter_params`` are added weights (LoRA
+    A/B and the like), ``adapter_trainable`` the trainable part of them.
+    """
 
     name: str
     role: str
-    params: int  # base parameters (adapters excluded)
-    trainable: int
-    frozen: int
+    params: int  # base parameters (a modules_to_save copy in place of its original; adapters excluded)
+    trainable: int  # base parameters that train
+    frozen: int  # base parameters that do not: params - trainable
     adapter_params: int
     adapter_trainable: int
-    tensors: int
+    tensors: int  # parameter tensors counted above
     state: Literal["trainable", "frozen", "partial", "adapters"]
     dtypes: list[str] = field(default_factory=list)
-    in_optimizer: int | None = None  # trainable numel found in the optimizer, when one was given
+    in_optimizer: int | None = None  # trainable numel (base + adapters) found in the optimizer, when one was given
     alias: str | None = None  # the short name the user wrote for it (expect_trainable), where it differs
 
 
@@ -140,7 +146,7 @@ class Report:
         if fault is not None:
             evidence = fault.get("evidence") or []
             if isinstance(evidence, dict):  # version 1: {sentence: value}
-                evidence = [{"kind": "note", "text": f"{k}: {v}", "value": v} for k, v in evidence.items()]
+                evidence = [{"kind": "note", "text": f"{k}: {fmt_value(v)}", "value": v} for k, v in evidence.items()]
             fault = Fault(**{**fault, "origin": Origin(**fault["origin"]), "evidence": evidence})
         return cls(
             status=data["status"],

@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradguard.report.format import fmt_count
+from gradguard.report.format import fmt_count, fmt_float, fmt_value
 
 if TYPE_CHECKING:  # types only: the model and the audit import this module when they are rendered
     from gradguard.core.audit import Audit
     from gradguard.core.track import RequiresGradChanges
-    from gradguard.report.model import Finding, GroupSummary, Report
+    from gradguard.report.model import Finding, GroupSummary, Origin, Report
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _STATE_STYLE = {"trainable": "green", "adapters": "green", "partial": "yellow", "frozen": "dim"}
 _SPARK = "▁▂▃▄▅▆▇█"
+# The width for output that is not a terminal (a log file, `tee`, CI) when COLUMNS does not say: rich's own
+# fallback of 80 columns made tables cut module paths (`resamp…`), and training logs are almost always redirected.
+NON_TTY_WIDTH = 120
+
+
+def make_console(stderr: bool = False, file: IO[str] | None = None) -> Console:
+    """The console every gradguard rendering goes through (the CLI, ``Guard.print``, the demo).
+
+    A terminal gets its own width; otherwise ``COLUMNS`` when set (rich reads it), else :data:`NON_TTY_WIDTH`.
+    Tables never cut a group name whatever the width (see :class:`_GroupTable`).
+
+    >>> make_console(file=io.StringIO()).width >= 80
+    True
+    """
+    stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
+    isatty = getattr(stream, "isatty", None)
+    tty = bool(isatty and isatty())
+    width = None if tty or os.environ.get("COLUMNS", "").strip().isdigit() else NON_TTY_WIDTH
+    return Console(file=file, stderr=stderr, highlight=False, width=width)
 
 
 def _num(x: Any) -> float:
@@ -59,18 +81,23 @@ def _group_label(g: GroupSummary, quote: str = "") -> str:
     return f"{name} ({quote}{g.alias}{quote})" if getattr(g, "alias", None) else name
 
 
-def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None = None) -> Table:
-    table = Table(title="module groups", title_justify="left", expand=False)
-    table.add_column("group")
-    table.add_column("role")
-    table.add_column("state")
-    table.add_column("base params", justify="right")
-    table.add_column("trainable", justify="right")
-    table.add_column("adapters", justify="right")
-    norms = (history or {}).get("grad_norm") or {}
-    if norms:
-        table.add_column("grad norm (pre-clip, log)")
-        table.add_column("last", justify="right")
+# Column headers say what each count is (the schema's `groups` items say the same): `base params` are the module's
+# own weights (a `modules_to_save` module counts its trained copy in place of the frozen original PEFT keeps
+# beside it), `base trainable` the part of them that trains, `adapters` the added (LoRA-style) parameters.
+_COUNT_HEADERS = ("base params", "base trainable", "adapters")
+_COUNT_HEADERS_2LINE = ("base\nparams", "base\ntrainable", "adapters")  # narrow columns for an 80-column terminal
+
+
+def _adapters_cell(g: GroupSummary) -> str:
+    if not g.adapter_params:
+        return "-"
+    if g.adapter_trainable == g.adapter_params:
+        return fmt_count(g.adapter_params)
+    return f"{fmt_count(g.adapter_trainable)} of {fmt_count(g.adapter_params)}"
+
+
+def _group_rows(groups: Sequence[GroupSummary], norms: dict[str, Any]) -> list[list[Any]]:
+    rows = []
     for g in groups:
         row: list[Any] = [
             _group_label(g),
@@ -78,73 +105,208 @@ def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None 
             Text(g.state, style=_STATE_STYLE.get(g.state, "")),
             fmt_count(g.params),
             fmt_count(g.trainable),
-            fmt_count(g.adapter_params) if g.adapter_params else "-",
+            _adapters_cell(g),
         ]
         if norms:
             series = norms.get(g.name) or []
             present = [v for v in series if v is not None]
             if present:
-                last = _num(present[-1])
-                row += [sparkline(series), f"{last:.3g}"]
+                row += [sparkline(series), fmt_float(present[-1], ".3g")]
             else:
-                row += ["", "frozen" if g.trainable == 0 else "no grad"]
-        table.add_row(*row)
-    return table
+                row += ["", "frozen" if g.trainable + g.adapter_trainable == 0 else "no grad"]
+        rows.append(row)
+    return rows
 
 
-def _finding_lines(findings: Sequence[Finding]) -> Table:
-    table = Table.grid(padding=(0, 1))
-    for f in findings:
-        where = f" [{f.group}]" if f.group else ""
-        step = f" step {f.step}" if f.step is not None else ""
-        table.add_row(
-            Text(f.severity, style=_SEVERITY_STYLE[f.severity]),
-            Text(f"{f.code}{step}{where}", style="bold"),
-            Text(f.message),
-        )
-        table.add_row("", "", Text(f"fix: {f.hint}", style="dim"))
-    return table
+class _GroupTable:
+    """The module-group table, which never cuts a group name.
+
+    Rich shrinks a table that is wider than the console and ends cut cells with `…`: in a three-group VLM the
+    groups could no longer be told apart. Here the name and the short columns never shrink; when even that does
+    not fit the width, each group is written as a name line and a details line instead of a table row.
+    """
+
+    def __init__(self, groups: Sequence[GroupSummary], history: dict[str, Any] | None = None) -> None:
+        self.norms = (history or {}).get("grad_norm") or {}
+        self.headers = ["group", "role", "state", *_COUNT_HEADERS_2LINE]
+        if self.norms:
+            self.headers += ["grad norm (pre-clip, log)", "last"]
+        self.rows = _group_rows(groups, self.norms)
+
+    def _widths(self, columns: Sequence[int]) -> list[int]:
+        """The narrowest each column may be: its widest cell and header line (the sparkline may wrap)."""
+        widths = []
+        for i in columns:
+            header = self.headers[i]
+            if header.startswith("grad norm"):
+                widths.append(max(len(w) for w in header.split()))
+                continue
+            cells = [len(str(row[i])) for row in self.rows]
+            widths.append(max([*cells, *(len(line) for line in header.split("\n"))]))
+        return widths
+
+    def _layouts(self) -> list[list[int]]:
+        """Column sets to try, widest first: all of them; without the sparkline (an 80-column terminal)."""
+        every = list(range(len(self.headers)))
+        spark = [i for i, h in enumerate(self.headers) if h.startswith("grad norm")]
+        return [every, [i for i in every if i not in spark]] if spark else [every]
+
+    def table(self, columns: Sequence[int] | None = None) -> Table:
+        columns = list(range(len(self.headers))) if columns is None else columns
+        table = Table(title="module groups", title_justify="left", expand=False)
+        spark = any(self.headers[i].startswith("grad norm") for i in columns)
+        for i, width in zip(columns, self._widths(columns)):
+            header = self.headers[i]
+            if header == "last" and not spark:
+                header = "grad\nnorm"  # without the sparkline beside it, "last" would not say what
+            sparkline_column = header.startswith("grad norm")
+            table.add_column(
+                header,
+                justify="right" if header.split("\n")[0] in ("base", "adapters", "last", "grad") else "left",
+                no_wrap=not sparkline_column,
+                min_width=width,
+            )
+        for row in self.rows:
+            table.add_row(*(row[i] for i in columns))
+        return table
+
+    def stacked(self) -> Text:
+        out = Text("module groups\n")
+        for row in self.rows:
+            out.append(f"{row[0]}\n", style="bold")
+            details = [f"{h.replace(chr(10), ' ')} {c}" for h, c in zip(self.headers[1:], row[1:]) if str(c)]
+            out.append("    " + " · ".join(details) + "\n")
+        out.rstrip()
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for columns in self._layouts():
+            # One space of padding each side of a cell, and a border between and around the columns.
+            needed = sum(w + 2 for w in self._widths(columns)) + len(columns) + 1
+            if needed <= options.max_width:
+                yield self.table(columns)
+                return
+        yield self.stacked()
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.table()).clamp(max_width=options.max_width)
 
 
-def _localization_lines(loc: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _group_table(groups: Sequence[GroupSummary], history: dict[str, Any] | None = None) -> _GroupTable:
+    return _GroupTable(groups, history)
+
+
+class _Findings:
+    """The findings: a severity, a code with its group, and the message with its fix beside them.
+
+    The code and group column never shrinks (a group name is never cut); when the message column would get
+    narrower than :attr:`MIN_MESSAGE`, each finding is written as a heading line and the wrapped text below it.
+    """
+
+    MIN_MESSAGE = 30
+
+    def __init__(self, findings: Sequence[Finding]) -> None:
+        self.rows = []
+        for f in findings:
+            where = f" [{f.group}]" if f.group else ""
+            step = f" step {f.step}" if f.step is not None else ""
+            self.rows.append((f.severity, f"{f.code}{step}{where}", f.message, f"fix: {f.hint}"))
+
+    def grid(self) -> Table:
+        table = Table.grid(padding=(0, 1))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True)  # the code and the group name: never cut, never broken
+        table.add_column()
+        for severity, code, message, fix in self.rows:
+            table.add_row(Text(severity, style=_SEVERITY_STYLE[severity]), Text(code, style="bold"), Text(message))
+            table.add_row("", "", Text(fix, style="dim"))
+        return table
+
+    def stacked(self) -> Text:
+        out = Text()
+        for severity, code, message, fix in self.rows:
+            out.append(severity, style=_SEVERITY_STYLE[severity])
+            out.append(f" {code}\n", style="bold")
+            out.append(f"  {message}\n")
+            out.append(f"  {fix}\n", style="dim")
+        out.rstrip()
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        fixed = max((len(r[0]) for r in self.rows), default=0) + max((len(r[1]) for r in self.rows), default=0) + 2
+        yield self.grid() if fixed + self.MIN_MESSAGE <= options.max_width else self.stacked()
+
+
+def _finding_lines(findings: Sequence[Finding]) -> _Findings:
+    return _Findings(findings)
+
+
+def _ramp(frames: Sequence[dict[str, Any]]) -> str:
+    """The last few module calls into the origin, oldest first, one entry per module path.
+
+    A PEFT ``ModulesToSaveWrapper`` and the copy it calls share the user-facing path (``resampler``): the
+    wrapper's call, which completes last, is the one kept.
+    """
+    last: dict[str, dict[str, Any]] = {}
+    for fr in frames:
+        key = str(fr.get("parameter") or fr.get("module"))
+        last.pop(key, None)  # re-inserted: dict order is the order of each path's last call
+        last[key] = fr
+    out = []
+    for fr in list(last.values())[-4:]:
+        if "output_absmax" in fr:
+            inp, outp = fmt_float(fr["input_absmax"], ".3g"), fmt_float(fr["output_absmax"], ".3g")
+            out.append(f"{fr['module']} in {inp} -> out {outp}")
+        else:
+            size = fmt_float(fr.get("absmax", fr.get("norm")), ".3g")
+            out.append(f"{fr.get('parameter') or fr['module']} grad {size}")
+    return " | ".join(out)
+
+
+def _localized(loc: dict[str, Any], origin: Origin | None) -> str | None:
+    """The replay's exact module, or ``None`` where it only repeats the fault's ``origin`` line."""
+    same_place = origin is not None and loc.get("module") in (origin.module, None) and loc.get("phase") == origin.phase
+    if same_place and loc.get("parameter") is None:
+        return None
+    trainable = {True: "trainable", False: "frozen", None: "trainability unknown"}[loc.get("trainable")]
+    how = f"{loc.get('phase') or '?'} phase"
+    if loc.get("micro_batch") is not None:
+        how += f", micro-batch {loc['micro_batch']}"
+    if loc.get("parameter"):
+        how += f", parameter {loc['parameter']}"
+    if loc.get("source") == "trace":
+        how += ", seen by the trace of the original step"
+    return (
+        f"{loc['module']} ({loc.get('class') or '?'}; group {loc.get('group') or '-'}, "
+        f"role {loc.get('role') or '-'}, {trainable}), {how}"
+    )
+
+
+def _localization_lines(loc: dict[str, Any] | None, origin: Origin | None = None) -> list[tuple[str, str]]:
     """``(label, text)`` lines for a fault's localisation (fields: docs/localization.md)."""
     if not loc:
         return []
     out: list[tuple[str, str]] = []
     if loc.get("module"):
-        trainable = {True: "trainable", False: "frozen", None: "trainability unknown"}[loc.get("trainable")]
-        how = f"{loc.get('phase') or '?'} phase"
-        if loc.get("micro_batch") is not None:
-            how += f", micro-batch {loc['micro_batch']}"
-        if loc.get("parameter"):
-            how += f", parameter {loc['parameter']}"
-        if loc.get("source") == "trace":
-            how += ", seen by the trace of the original step"
-        out.append(
-            (
-                "localized",
-                f"{loc['module']} ({loc.get('class') or '?'}; group {loc.get('group') or '-'}, "
-                f"role {loc.get('role') or '-'}, {trainable}), {how}",
-            )
-        )
-
-        def fmt(v: Any) -> str:
-            return "-" if v is None else f"{_num(v):.3g}"
-
-        frames = []
-        for fr in (loc.get("frames") or [])[-4:]:  # the ramp into the origin, oldest first
-            if "output_absmax" in fr:
-                frames.append(f"{fr['module']} in {fmt(fr['input_absmax'])} -> out {fmt(fr['output_absmax'])}")
-            else:
-                size = fmt(fr.get("absmax", fr.get("norm")))
-                frames.append(f"{fr.get('parameter') or fr['module']} grad {size}")
-        if frames:
-            out.append(("ramp", " | ".join(frames)))
+        localized = _localized(loc, origin)
+        if localized:
+            out.append(("localized", localized))
+        ramp = _ramp(loc.get("frames") or [])
+        if ramp:
+            out.append(("ramp", ramp))
     if loc.get("verdict"):
         text = loc.get("advice") or loc.get("message") or ""
         prefix = f"{loc['verdict']}: "  # the advice may already start with the verdict: say it once
         out.append(("verdict", text if text.startswith(prefix) else prefix + text))
     return out
+
+
+def _evidence_lines(evidence: Any) -> list[str]:
+    """One sentence per fact of a fault's evidence (its ``text``; a version-1 report's ``{sentence: value}``
+    object, numbers written by :func:`fmt_value`)."""
+    if isinstance(evidence, dict):
+        return [f"{k}: {fmt_value(v)}" for k, v in evidence.items()]
+    return [str(e.get("text") or e.get("kind")) if isinstance(e, dict) else fmt_value(e) for e in evidence or []]
 
 
 def _fault_panel(report: Report) -> Panel:
@@ -166,12 +328,14 @@ def _fault_panel(report: Report) -> Panel:
     if o.micro_batch is not None:
         lines.append(f", micro-batch {o.micro_batch}")
     lines.append("\n")
-    for label, text in _localization_lines(f.localization):
+    for label, text in _localization_lines(f.localization, o):
         lines.append(f"{label}: ", style="bold")
         lines.append(f"{text}\n")
     lines.append("weights: " + _weights(report) + "\n", style="green" if f.weights_intact else "bold red")
-    for entry in f.evidence:
-        lines.append(f"{entry.get('text')}\n")
+    for text in _evidence_lines(f.evidence):
+        label, _, rest = text.partition(": ")
+        lines.append(f"{label}: " if rest else "", style="bold")
+        lines.append(f"{rest or label}\n")
     return Panel(lines, title="gradguard: fault", border_style="red")
 
 
@@ -237,6 +401,25 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _md_groups(report: Report) -> list[str]:
+    norms = report.history.get("grad_norm") or {}
+    out = [
+        "## Module groups",
+        "",
+        f"| group | role | state | {' | '.join(_COUNT_HEADERS)} | grad norm (last) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for g in report.groups:
+        series = [v for v in norms.get(g.name) or [] if v is not None]
+        last = fmt_float(series[-1], ".3g") if series else "-"
+        out.append(
+            f"| {_group_label(g, '`')} | {g.role} | {g.state} | {fmt_count(g.params)} | {fmt_count(g.trainable)} | "
+            f"{_adapters_cell(g)} | {last} |"
+        )
+    out.append("")
+    return out
+
+
 def to_markdown(report: Report) -> str:
     out = [f"# gradguard report: {report.status}", ""]
     f = report.fault
@@ -253,27 +436,13 @@ def to_markdown(report: Report) -> str:
             f"{o.role}, {trainable})" + (f", rank {o.rank}" if o.rank is not None else ""),
             f"- **weights**: {_weights(report)}",
         ]
-        out += [f"- **{label}**: {_md_escape(text)}" for label, text in _localization_lines(f.localization)]
-        out += [f"- {e.get('text')}" for e in f.evidence]
+        out += [f"- **{label}**: {_md_escape(text)}" for label, text in _localization_lines(f.localization, o)]
+        out += [f"- {_md_escape(text)}" for text in _evidence_lines(f.evidence)]
         out.append("")
     elif report.exit:
         out += [_exit_line(report).removeprefix("gradguard: "), ""]
     if report.groups:
-        norms = report.history.get("grad_norm") or {}
-        out += [
-            "## Module groups",
-            "",
-            "| group | role | state | base params | trainable | adapters | grad norm (last) |",
-            "|---|---|---|---:|---:|---:|---:|",
-        ]
-        for g in report.groups:
-            series = [v for v in norms.get(g.name) or [] if v is not None]
-            last = f"{_num(series[-1]):.3g}" if series else "-"
-            out.append(
-                f"| {_group_label(g, '`')} | {g.role} | {g.state} | {fmt_count(g.params)} | {fmt_count(g.trainable)} | "
-                f"{fmt_count(g.adapter_params) if g.adapter_params else '-'} | {last} |"
-            )
-        out.append("")
+        out += _md_groups(report)
     if report.findings:
         out += ["## Findings", "", "| severity | code | group | message | fix |", "|---|---|---|---|---|"]
         for fd in report.findings:
@@ -285,7 +454,7 @@ def to_markdown(report: Report) -> str:
         out.append("")
     losses = report.history.get("loss") or []
     if losses:
-        out += [f"Raw loss over the last steps: `{sparkline(losses, 40)}` (last {_num(losses[-1]):.4g})", ""]
+        out += [f"Raw loss over the last steps: `{sparkline(losses, 40)}` (last {fmt_float(losses[-1])})", ""]
     env = report.environment
     if env:
         out += ["## Environment", "", ", ".join(f"{k}: {v}" for k, v in env.items()), ""]
