@@ -323,12 +323,16 @@ def test(leg: Leg, results: Path) -> dict:
 
 def junit_counts(path: Path) -> dict:
     """passed / failed / skipped and the skip reasons, from a pytest JUnit file."""
-    counts: dict = {"passed": 0, "failed": 0, "skipped": 0, "reasons": Counter()}
+    counts: dict = {"passed": 0, "failed": 0, "skipped": 0, "reasons": Counter(), "failures": []}
     if not path.exists():
         return counts
     for case in ET.parse(path).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
+        bad = case.find("failure")
+        bad = bad if bad is not None else case.find("error")
+        if bad is not None:
             counts["failed"] += 1
+            name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+            counts["failures"].append((name, (bad.get("message") or "").splitlines()[:1]))
         elif (skip := case.find("skipped")) is not None:
             counts["skipped"] += 1
             counts["reasons"][skip.get("message", "").removeprefix("Skipped: ")] += 1
@@ -363,6 +367,12 @@ def summary(results: Path, legs: list[str], default: Path | None) -> int:
         if problems:
             ok = False
             print(f"{name}: FAILED ({', '.join(problems)}; see {results / (name + '.log')})")
+            # CI shows only this script's output: name what failed, so the log file is not needed to start
+            for test, message in counts["failures"]:
+                print(f"  {name}: FAILED {test}: {' '.join(message)[:300]}")
+            log_file = results / f"{name}.log"
+            if not counts["failures"] and log_file.exists():  # an install or the demo failed: its last words
+                print("".join(f"  {name}| {line}" for line in log_file.read_text().splitlines(True)[-15:]))
         totals.update({k: counts[k] for k in ("passed", "failed", "skipped")})
         v = info.get("versions", {})
         seconds = sum(info.get(k, 0) for k in ("install_s", "demo_s", "tests_s"))

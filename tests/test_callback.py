@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 
 from gradguard import GradGuard, Report, TrainingHealthError
 from gradguard.testing.faults import corrupt_input, detach_output, inject_nan, mask_labels
-from gradguard.testing.models import TinyDataset, tiny_llama, tiny_minicpmv2
+from gradguard.testing.models import TinyDataset, tiny_llama, tiny_llava, tiny_minicpmv2
 
 LLM_LORA = r"llm\..*layers\.\d+\.self_attn\.(q_proj|v_proj)"
 
@@ -145,6 +145,23 @@ def test_nan_pixel_values_is_a_data_fault(tmp_path) -> None:
         train(model, tmp_path, callbacks=[GradGuard(console=False)])
     fault = report_of(tmp_path).fault
     assert (fault.kind, fault.origin.phase, fault.origin.module) == ("nonfinite_input", "data", "pixel_values")
+    # ...and which part of the model took it in: the vision tower that get_peft_model froze
+    assert (fault.origin.group, fault.origin.role, fault.origin.trainable) == ("vpm", "vision", False)
+    assert "it reached `vpm` (vision, frozen)" in fault.message
+
+
+def test_nan_pixel_values_names_the_llava_vision_tower_that_consumed_it(tmp_path) -> None:
+    model = tiny_llava()
+    vision = next(name for name, _ in model.named_modules() if name.endswith("vision_tower"))
+    with corrupt_input(model, "pixel_values", start=3):
+        train(model, tmp_path, callbacks=[GradGuard(console=False)])
+    report = report_of(tmp_path)
+    fault = report.fault
+    assert (fault.step, fault.kind, fault.origin.module) == (3, "nonfinite_input", "pixel_values")
+    assert (fault.origin.group, fault.origin.role, fault.origin.trainable) == (vision, "vision", True)
+    assert fault.fact("first_nonfinite_output")["group"] == vision and fault.weights_intact
+    assert f"it reached `{vision}` (vision, trainable)" in fault.message
+    assert f"pixel_values (group {vision}, role vision, trainable)" in " ".join(str(report).split())
 
 
 def test_backward_only_nan_in_a_language_layer(tmp_path) -> None:

@@ -245,7 +245,7 @@ def test_zero3_parameter_counts_use_ds_numel() -> None:
 
 def test_deepspeed_hook_is_not_attached_without_deepspeed() -> None:
     from gradguard import Guard
-    from gradguard.integrations.deepspeed import zero_optimizer
+    from gradguard.engine.zero import zero_optimizer
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -11,7 +11,7 @@ dataclasses or ``None``, and models without parameters.
 Invariants: no crash; every parameter in exactly one group; the counts add up; ``.ok`` agrees with the
 findings; no error finding on a healthy trainable model; every hook removed; every report schema-valid.
 
-``max_examples`` is set so that this file runs in about 25 s on a CI machine (see ``EXAMPLES``).
+``max_examples`` is set so that this file runs in about 10 s on a CI machine (see ``EXAMPLES``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gradguard.codes import rule
 from gradguard.engine import shutdown
 
 D = 4  # every leaf maps (B, D) floats to (B, D) floats, so any tree of them runs
-# Examples per test in CI (derandomised there, so CI runs the same cases every time): about 25 s in all.
+# Examples per test in CI (derandomised there, so CI runs the same cases every time): about 10 s in all.
 # GRADGUARD_FUZZ_SCALE=10 runs ten times as many (and, outside CI, new random ones each time).
 _SCALE = float(os.environ.get("GRADGUARD_FUZZ_SCALE", "1"))
 EXAMPLES = {k: int(n * _SCALE) for k, n in {"structure": 250, "train": 200, "meta": 60}.items()}

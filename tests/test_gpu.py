@@ -63,7 +63,9 @@ def tiny_model(attn: str = "eager") -> nn.Module:
     return tiny_llama(seed=0, attn_implementation=attn)
 
 
-def trainer(model: nn.Module, out: Path, *, steps: int, bf16: bool = False, callbacks: Any = ()) -> Any:
+def trainer(
+    model: nn.Module, out: Path, *, steps: int, bf16: bool = False, fp16: bool = False, callbacks: Any = ()
+) -> Any:
     from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
     from gradguard.testing.models import TinyDataset
@@ -77,6 +79,7 @@ def trainer(model: nn.Module, out: Path, *, steps: int, bf16: bool = False, call
         seed=0,
         data_seed=0,
         bf16=bf16,  # autocast (CUDA, or CPU when GRADGUARD_TEST_DEVICE=cpu)
+        fp16=fp16,  # autocast to fp16 with a GradScaler, fp32 master weights (CUDA only)
         report_to=[],
         save_strategy="no",
         use_cpu=not CUDA,
@@ -327,3 +330,67 @@ def test_nan_is_stopped_before_the_update_and_localised(
     if phase == "backward":
         assert loc["gradient_into"] == f"{expected}.down_proj"
     assert report.environment["device"].startswith(torch.device(DEVICE).type)
+
+
+# -- 4. fp16 with a GradScaler: the scaler's own skipped steps are not faults, a NaN forward still is --------
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="fp16 mixed precision with a GradScaler needs CUDA")
+
+
+def overflowing_scaler(tr: Any) -> None:
+    """Start the Trainer's GradScaler at 2**24 (torch's default is 2**16) so that the first few steps overflow
+    for sure and the scaler skips them, what fp16 runs do in their first steps, made certain: a logit's gradient
+    of up to 1/(batch x tokens) ~ 1/64 times 2**24 is past fp16's 65504, so the scale halves about three times
+    (fewer than the 8 skips in a row that GG110 loss_scale_collapse waits for). Accelerate hands this scaler to
+    the optimizer wrapper when train() prepares it."""
+    tr.accelerator.scaler = torch.amp.GradScaler(torch.device(DEVICE).type, init_scale=INIT_SCALE)
+
+
+INIT_SCALE = 2.0**24
+
+
+@needs_cuda
+def test_fp16_scaler_skips_are_healthy_and_bitwise_identical(tmp_path: Path) -> None:
+    from gradguard import GradGuard
+    from gradguard.report.model import Report
+
+    steps = 12
+    bare_tr = trainer(tiny_model(), tmp_path / "bare", steps=steps, fp16=True)
+    overflowing_scaler(bare_tr)
+    bare_tr.train()
+    guard = GradGuard(console=False, strict=True)
+    guarded_tr = trainer(tiny_model(), tmp_path / "guarded", steps=steps, fp16=True, callbacks=[guard])
+    overflowing_scaler(guarded_tr)
+    guarded_tr.train()
+
+    assert guarded_tr.state.global_step == steps, "gradguard stopped a healthy fp16 run"
+    check_report_json(tmp_path / "guarded" / "gradguard-report.json")
+    report = Report.load(tmp_path / "guarded")
+    assert report.status == "healthy" and report.fault is None, report
+    assert not report.errors() and not [f for f in report.findings if f.severity == "warning"], report.findings
+    # the scaler did skip steps (the case under test); gradguard recorded them as the scaler's, dropped none
+    assert guarded_tr.accelerator.scaler.get_scale() < INIT_SCALE
+    skipped = report.history.get("skipped_updates", [])
+    assert skipped and all(s["by"].startswith("fp16 GradScaler") for s in skipped), skipped
+    diff = differences(outcome(bare_tr), outcome(guarded_tr))
+    assert not diff, f"GradGuard changed an fp16 run: {diff[:5]}"
+
+
+@needs_cuda
+def test_fp16_nan_forward_is_stopped_not_mistaken_for_an_overflow(tmp_path: Path) -> None:
+    from gradguard import GradGuard
+    from gradguard.report.model import Report
+    from gradguard.testing.faults import inject_nan
+
+    model = tiny_model()
+    guard = GradGuard(console=False, strict=True)
+    tr = trainer(model, tmp_path, steps=8, fp16=True, callbacks=[guard])
+    with inject_nan(model.model.layers[0].mlp, start=4):
+        tr.train()
+    report = Report.load(tmp_path)
+    fault = report.fault
+    assert report.status == "fault" and fault is not None, report
+    assert (fault.step, fault.kind) == (4, "nonfinite_loss") and tr.state.global_step == 4
+    assert (fault.origin.phase, fault.origin.group) == ("forward", "model")
+    assert fault.weights_intact
+    assert all(torch.isfinite(p).all() for p in model.parameters())

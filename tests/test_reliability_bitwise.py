@@ -15,6 +15,7 @@ The helpers here (:func:`train`, :class:`Config`) are reused by the other reliab
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import warnings
@@ -213,10 +214,16 @@ def assert_identical(a: Run, b: Run) -> None:
         assert same, f"optimizer state differs at {k}"
 
 
+@functools.cache
+def _report_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)  # once: jsonschema.validate() re-checks it every call
+    return jsonschema.Draft202012Validator(schema)
+
+
 def validate_report(report: dict[str, Any]) -> None:
     """Every report a test produces must validate against the published JSON Schema."""
-    schema = json.loads(SCHEMA_PATH.read_text())
-    jsonschema.validate(report, schema, cls=jsonschema.Draft202012Validator)
+    _report_validator().validate(report)
 
 
 def trainable_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:

@@ -279,7 +279,9 @@ GradGuard(on_fault="stop")   # default: the poisoned update is skipped, weights 
         "nonfinite_input",
         "error",
         "the batch contains NaN or Inf",
-        "A floating-point input of the batch (`pixel_values`, `inputs_embeds`, audio features …) is not finite.",
+        "A floating-point input of the batch (`pixel_values`, `inputs_embeds`, audio features …) is not finite. "
+        "The report names the input (`origin.module`) and the part of the model that took it in: the first "
+        "group whose output went non-finite in that micro-batch (`origin.group`, e.g. the vision tower).",
         "The fault is in the data, not the model: a corrupt image, a division by a zero std in "
         "normalisation, a bad cached feature. Training on it poisons the weights.",
         """

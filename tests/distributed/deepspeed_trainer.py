@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 tests/distributed/deepspeed_trainer.py STAGE OUT_DIR
 
 DeepSpeed runs its optimizer step inside ``accelerator.backward()``, so gradguard checks inside that step
-(``gradguard.integrations.deepspeed``), reading each rank's gradient partition. Three runs in one process
+(``gradguard.engine.zero``), reading each rank's gradient partition. Three runs in one process
 group: ``bare``, ``guarded`` (same losses; per-group norms equal to DeepSpeed's own full gradients; one
 all-reduce per step added) and ``fault`` (NaN on rank 1 only from step 3: both ranks stop at step 3,
 the update is skipped).
@@ -21,7 +21,7 @@ from _common import CollectiveCounter, dump, train_once
 counter = CollectiveCounter()
 
 
-from gradguard.integrations import deepspeed as gg_deepspeed  # noqa: E402
+from gradguard.engine import zero as gg_deepspeed  # noqa: E402
 
 STAGE = int(sys.argv[1])
 OUT = Path(sys.argv[2])

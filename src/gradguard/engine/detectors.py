@@ -108,27 +108,38 @@ def diagnose(
     >>> d.kind, d.origin.phase, d.origin.group, d.origin.role
     ('nonfinite_loss', 'forward', 'proj', 'connector')
     """
-    return _data_fault(stats) or _nonfinite_fault(stats, groups, first_bad_grad)
+    return _data_fault(stats, groups) or _nonfinite_fault(stats, groups, first_bad_grad)
 
 
-def _data_fault(stats: StepStats) -> Diagnosis | None:
+def _data_fault(stats: StepStats, groups: Mapping[str, GroupContext]) -> Diagnosis | None:
     """A fault born in the batch itself: a non-finite input, or no target token to learn from."""
     step = stats.step
     bad_inputs = [(m, k, v) for m, k, v in stats.inputs if not math.isfinite(v)]
     if bad_inputs:
         micro, key, value = bad_inputs[0]
         keys = sorted({k for _, k, _ in bad_inputs})
+        # Which part of the model took it in: the first group, in execution order, whose output in that
+        # micro-batch is not finite (the vision tower for `pixel_values`, the embeddings for `inputs_embeds`).
+        consumer = next((g for g, m, a in stats.group_outputs if m == micro and not math.isfinite(a)), None)
+        o = origin_for("data", consumer, groups, module=key, micro_batch=micro)
+        into = ""
+        if consumer is not None:
+            into = f", and it reached `{consumer}` ({o.role}, {'trainable' if o.trainable else 'frozen'})"
         f = Finding.of(
             "nonfinite_input",
             f"step {step}: the batch input `{key}` contains {'NaN' if math.isnan(value) else 'Inf'} "
-            f"(micro-batch {micro}); the fault is in the data, not the model",
+            f"(micro-batch {micro}){into}; the fault is in the data, not the model",
             f"check the data pipeline for `{key}` (e.g. a division by a zero std in normalisation); "
             "filter such samples in the collator",
+            consumer,
             step=step,
             phase="data",
         )
-        o = Origin(phase="data", module=key, micro_batch=micro)
-        return Diagnosis(f, o, (fact("nonfinite_inputs", f"non-finite inputs: {', '.join(keys)}", value=keys),))
+        evidence = [fact("nonfinite_inputs", f"non-finite inputs: {', '.join(keys)}", value=keys)]
+        if consumer is not None:
+            text = f"first non-finite forward output: {consumer} (micro-batch {micro})"
+            evidence.append(fact("first_nonfinite_output", text, group=consumer, module=consumer, micro_batch=micro))
+        return Diagnosis(f, o, tuple(evidence))
     loss_bad = any(not math.isfinite(v) for v in stats.losses)
     unsupervised = [i for i, n in enumerate(stats.supervised) if n == 0]
     if unsupervised and (loss_bad or not stats.losses):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from gradguard.core.audit import Audit, audit_requires_grad
-from gradguard.engine import detectors, distributed, policy, shutdown
+from gradguard.engine import detectors, distributed, policy, shutdown, zero
 from gradguard.engine.checker import Checker
 from gradguard.engine.detectors import Thresholds
 from gradguard.engine.diagnosis import Diagnosis
@@ -166,6 +166,7 @@ class Guard:
                 optimizer=self.optimizer, scaler=self.scaler, param_check_every=self.param_check_every,
                 on_error=self.contain, on_crash=self._crashed,
             )  # fmt: skip
+            zero.attach(self)  # under DeepSpeed, check inside its optimizer step
         except Exception as exc:
             self.contain(exc)
         static = detectors.static_fault(audit.findings, self.contexts)

@@ -210,7 +210,7 @@ class Probes:
         self.batched = True
         self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Parameters whose gradient is split across ranks (FSDP2 / tensor-parallel DTensors; DeepSpeed ZeRO
-        # partitions, registered by gradguard.integrations.deepspeed): a hook sees only this rank's piece,
+        # partitions, registered by gradguard.engine.zero): a hook sees only this rank's piece,
         # so the guard sums the weighted squared norms over the ranks (see policy.shard_weight).
         self.shard_weights: dict[int, float] = {}
         for i, (_, p) in enumerate(self.params):

@@ -27,7 +27,6 @@ from transformers.trainer_callback import ExportableState
 from gradguard.engine.diagnosis import Diagnosis, fact, plain
 from gradguard.engine.guard import Guard
 from gradguard.engine.options import Options
-from gradguard.integrations import deepspeed  # imports no deepspeed
 from gradguard.integrations.frameworks import Framework, amend_hints, detect, find_trainer
 from gradguard.report.model import Finding
 
@@ -111,7 +110,6 @@ class GradGuard(Options, TrainerCallback, ExportableState):
         if not guard.disabled:
             guard.start()  # contains its own errors, but bad input (ConfigurationError) raises here
             if not guard.disabled:
-                deepspeed.attach(guard)  # under DeepSpeed, check inside its optimizer step
                 guard.add_finding(*_warmup_longer_than_run(args, state))
         if guard.stopped:
             control.should_training_stop = True

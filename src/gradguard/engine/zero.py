@@ -20,13 +20,13 @@ guard's hooks on ``Guard.close()``). Right before DeepSpeed's step, on every ran
    dropped, as DeepSpeed itself does for an fp16 overflow: the weights stay as they were.
 
 The Trainer callback's own check for that step then finds nothing new and returns the decision already
-taken. ``deepspeed`` is imported only when the optimizer is DeepSpeed's. The HF callback attaches this by
-itself; in a hand-written DeepSpeed loop, build the guard with the engine's optimizer, attach, and do not
-call ``guard.check()`` yourself::
+taken. ``deepspeed`` is imported only when the optimizer is DeepSpeed's. :meth:`Guard.start` attaches this
+by itself when the optimizer it is given is DeepSpeed's (the HF callback's and a hand-written loop's alike);
+in a hand-written DeepSpeed loop, build the guard with the engine's optimizer and do not call
+``guard.check()`` yourself::
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
-    guard = Guard(engine.module, engine.optimizer)
-    gradguard.integrations.deepspeed.attach(guard)        # checks inside engine.step()
+    guard = Guard(engine.module, engine.optimizer)        # checks inside engine.step()
     for batch in loader:
         engine.backward(engine(**batch).loss)
         engine.step()
@@ -144,7 +144,7 @@ class StepHook:
 def attach(guard: Guard) -> bool:
     """Route the guard's gradient reading and check through DeepSpeed's optimizer step, when DeepSpeed trains.
 
-    Call it after :meth:`Guard.start` (the HF callback does); returns whether DeepSpeed was found. The hook
+    :meth:`Guard.start` calls it once the probes are attached; returns whether DeepSpeed was found. The hook
     is removed with the guard's other hooks.
 
     >>> from gradguard import Guard
