@@ -7,8 +7,9 @@
 On a GPU, a small model's step is launch-bound: the device waits for Python, so every microsecond gradguard
 spends on the host shows up in the step. This measures that host work directly, on one CPU thread, in a plain
 loop (forward, backward, ``clip_grad_norm_``, ``guard.check()``, ``optimizer.step()``, ``zero_grad``) on the
-workloads of ``benchmarks/run.py``: every hook and step method of gradguard is wrapped in a
-``time.perf_counter`` timer that books its *exclusive* time (a nested timed call, e.g. the norms taken inside
+workloads of ``benchmarks/run.py``: every hook and step method of gradguard is wrapped in a timer of the
+thread's CPU time (``time.thread_time``: steady on a shared machine; on CPU, autograd runs the hooks on the
+calling thread) that books its *exclusive* time (a nested timed call, e.g. the norms taken inside
 ``check()``, is booked to itself, not twice). The timers' own cost is left in the step times; it is a few
 microseconds per call. The first ``--warmup`` steps are not counted.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import statistics
 import sys
@@ -42,25 +44,25 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import workloads  # noqa: E402  (the same models as the Trainer benchmark)
+from run import workloads
 
-from gradguard import Guard  # noqa: E402
-from gradguard.engine import checker, probes, trace  # noqa: E402
-from gradguard.testing.models import make_batch  # noqa: E402
+from gradguard import Guard
+from gradguard.testing.models import make_batch
 
-# (category, class, method, factory): a factory method returns the hook closure, which is what gets timed.
+# (category, module, class, method, factory): a factory method returns the hook closure, which is what gets
+# timed. Names an installed gradguard lacks (an older version, for a before/after comparison) are skipped.
 TIMED = [
-    ("gradient hooks", probes.Probes, "_grad_hook", True),
-    ("gradient norms", probes.Probes, "take_norms", False),
-    ("group outputs", probes.Probes, "_group_hook", True),
-    ("group outputs", probes.Probes, "settle", False),
-    ("top-model hooks", probes.Probes, "_pre_hook", False),
-    ("top-model hooks", probes.Probes, "_top_hook", False),
-    ("top-model hooks", probes.Probes, "_crash_hook", False),
-    ("top-model hooks", probes.Probes, "_watch_backward", False),
-    ("top-model hooks", trace.Tracer, "_pre_hook", False),
-    ("check()", Guard, "check", False),
-    ("check()", checker.Checker, "reset", False),
+    ("gradient hooks", "probes", "Probes", "_grad_hook", True),
+    ("gradient norms", "probes", "Probes", "take_norms", False),
+    ("group outputs", "probes", "Probes", "_group_hook", True),
+    ("group outputs", "probes", "Probes", "settle", False),
+    ("top-model hooks", "probes", "Probes", "_pre_hook", False),
+    ("top-model hooks", "probes", "Probes", "_top_hook", False),
+    ("top-model hooks", "probes", "Probes", "_crash_hook", False),
+    ("top-model hooks", "probes", "Probes", "_watch_backward", False),
+    ("top-model hooks", "trace", "Tracer", "_pre_hook", False),
+    ("check()", "guard", "Guard", "check", False),
+    ("check()", "checker", "Checker", "reset", False),
 ]
 ORDER = ["gradient hooks", "gradient norms", "group outputs", "top-model hooks", "check()"]
 
@@ -80,11 +82,11 @@ class Clock:
             if not self.on:
                 return fn(*args, **kwargs)
             self._stack.append([0.0])
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - t0
+                elapsed = time.thread_time() - t0
                 nested = self._stack.pop()[0]
                 self.spent[category] += elapsed - nested
                 self.calls[category] += 1
@@ -104,8 +106,12 @@ class Clock:
 def instrumented(clock: Clock) -> Iterator[None]:
     """Wrap gradguard's hooks and step methods in the clock's timers (class attributes, put back on exit)."""
     saved = []
-    for category, cls, name, factory in TIMED:
-        original = cls.__dict__[name]
+    for category, module, cls_name, name, factory in TIMED:
+        try:
+            cls = getattr(importlib.import_module(f"gradguard.engine.{module}"), cls_name)
+            original = cls.__dict__[name]
+        except (ImportError, AttributeError, KeyError):
+            continue
         saved.append((cls, name, original))
         if factory:
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -483,29 +483,34 @@ class Probes:
             )
         return self._shard_cache[device]
 
-    def reduce_grads(
-        self, device: torch.device, norms: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group and per-module reductions of the per-parameter norms, on ``device``.
+    def reduce_grads(self, norms: Sequence[float]) -> list[list[float]]:
+        """Per-group ``[sum of squared norms, tensors with a non-finite norm, tensors with a non-zero norm]`` from
+        the per-parameter gradient norms, once they are on the host (they ride in the step's one read). A few
+        Python additions per tensor cost less than the device ops that would do it on the device: a dispatch
+        each, and on a GPU a kernel launch each."""
+        rows = [[0.0, 0, 0] for _ in self.group_names]
+        for g, n in zip(self.param_group, norms):
+            row = rows[g]
+            row[0] += n * n
+            row[1] += not math.isfinite(n)
+            row[2] += n != 0
+        return rows
 
-        Returns ``(per_group, module_sumsq)``: ``per_group[g]`` is (sum of squared norms, tensors with a
-        non-finite norm, tensors with a non-zero norm) of group ``g``; ``module_sumsq[m]`` the squared norm
-        of module ``m``. ``norms`` overrides the per-parameter norms (the guard passes them with the
-        sharded entries already summed across ranks); by default this rank's :meth:`local_norms`.
-        """
-        if norms is None:
-            norms = self.local_norms(device)
+    def module_norms(self, norms: torch.Tensor) -> torch.Tensor:
+        """Per-module gradient norms from per-parameter ones (``[steps x params]`` -> ``[steps x modules]``): the
+        fault path's evidence only, so a healthy step pays nothing for it."""
+        midx = self._indices(norms.device)[1]
+        sumsq = torch.zeros(norms.shape[0], len(self.modules), device=norms.device)
+        return sumsq.index_add_(1, midx, norms.square()).sqrt()
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each parameter's group and module, as index tensors cached on ``device`` (no per-step host copy)."""
         if device not in self._index_cache:
             self._index_cache[device] = (
                 torch.tensor(self.param_group, device=device, dtype=torch.long),
                 torch.tensor(self.param_module, device=device, dtype=torch.long),
             )
-        gidx, midx = self._index_cache[device]
-        sq = norms.square()
-        per_param = torch.stack([sq, (~torch.isfinite(norms)).float(), (norms != 0).float()], dim=1)
-        per_group = torch.zeros(len(self.group_names), 3, device=device).index_add_(0, gidx, per_param)
-        module_sumsq = torch.zeros(len(self.modules), device=device).index_add_(0, midx, sq)
-        return per_group, module_sumsq
+        return self._index_cache[device]
 
     def norms_in_order(self) -> list[tuple[int, float]]:
         """(parameter index, gradient norm) in the order backward produced the gradients: one host read, for

@@ -1,9 +1,10 @@
 """Reading a step: the probes' device tensors become one :class:`~gradguard.engine.stats.StepStats`.
 
-Everything one optimizer step recorded (losses, token counts, abs-maxes, per-group gradient reductions) goes
-into one vector, read with one ``tolist()``: the guard's one host sync per step. Across ranks the fault flags
-and the sharded gradients' squared norms go through one small all-reduce first. This is the guard's whole
-per-step cost outside the hooks, so it is kept to a handful of tensor ops.
+Everything one optimizer step recorded (losses, token counts, abs-maxes, the per-tensor gradient norms, the
+update sample's norms) goes into one vector, read with one ``tolist()``: the guard's one host sync per step. The
+per-group sums are then taken on the host (a few additions per tensor are cheaper than device ops). Across
+ranks the fault flags and the sharded gradients' squared norms go through one small all-reduce first. This is
+the guard's whole per-step cost outside the hooks, so it is kept to a handful of tensor ops.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class StepReader:
         self.probes = probes
         self.scaler = scaler
         self.param_check_every = param_check_every
-        self.module_window: deque[torch.Tensor] = deque(maxlen=9)  # this step's per-module norms, 8 before it
+        self.module_window: deque[torch.Tensor] = deque(maxlen=9)  # this step's per-parameter norms, 8 before it
         self.updates = UpdateMeter(probes)
         self.lrs = LearningRates(optimizer, probes)
         self._skipped = False  # the fp16 GradScaler skipped the last update: no update ratio for it
@@ -77,12 +78,11 @@ class StepReader:
             flags, shard_sumsq = distributed.agree(local_bad, pending=pending, sumsq=norms[shard_ix].square() * shard_w)
             if shard_ix.numel():  # full-tensor norms of the sharded parameters, without gathering any tensor
                 norms = norms.index_copy(0, shard_ix, shard_sumsq.sqrt())
-        per_group, module_sumsq = probes.reduce_grads(device, norms)
         updates = self.updates.measure(device)  # the last update, per group: [|dW|^2, |W|^2]
-        tail = [per_group.reshape(-1)] + ([updates.reshape(-1)] if updates is not None else [])
+        tail = [norms.float()] + ([updates.reshape(-1)] if updates is not None else [])
         tail += [flags.float()] if flags is not None else []
         packed = torch.cat([scalars, *tail]).tolist()  # the one host sync
-        self.module_window.append(module_sumsq)  # squared: the root is taken on the fault path only
+        self.module_window.append(norms)  # per module on the fault path only (Probes.module_norms)
         sizes = {k: len(ts) for k, ts in parts.items()}
         stats = self._unpack(step, packed, sizes, updates is not None, pending, flags is not None)
         self._skipped = stats.scaler_active and not stats.grads_finite
@@ -99,8 +99,8 @@ class StepReader:
             values[key] = packed[at : at + n]
             at += n
         names = probes.group_names
-        rows = [packed[at + 3 * i : at + 3 * i + 3] for i in range(len(names))]
-        at += 3 * len(names)
+        rows = probes.reduce_grads(packed[at : at + len(probes.params)])  # per group, on the host
+        at += len(probes.params)
         ratios: dict[str, float] = {}
         if updated:
             moves = [packed[at + 2 * i : at + 2 * i + 2] for i in range(len(names))]
@@ -147,7 +147,7 @@ class StepReader:
         window = list(self.module_window)[-steps:]
         if not window:
             return []
-        return torch.stack(window).sqrt().tolist()
+        return self.probes.module_norms(torch.stack(window)).tolist()
 
 
 def _ratio(moved_sq: float, size_sq: float) -> float:

@@ -7,9 +7,9 @@ do not move although gradients flow (a warm-up given in steps where a ratio was 
 
 Measured without a second copy of the weights: a fixed *sample* of each group is kept, up to ``tensors``
 tensors spread over the group, each read through a strided view of at most ``elements`` values (a view: no copy).
-At every check the sample's difference to the previous check's copy is the update of the step in between; then
-the copy is refreshed in place. That is a few fused ``_foreach`` kernels over at most ``tensors x elements``
-values per group, on the device, and the two squared norms per group ride in the guard's one host read.
+At every check the sample is gathered into one flat fp32 vector; its difference to the previous check's vector
+is the update of the step in between. That is a handful of ops over at most ``tensors x elements`` values per
+group, on the device, and the two squared norms per group ride in the guard's one host read.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class UpdateMeter:
     0.01
     """
 
-    def __init__(self, probes: Probes, *, tensors: int = 16, elements: int = 1024) -> None:
+    def __init__(self, probes: Probes, *, tensors: int = 8, elements: int = 1024) -> None:
         self.groups = len(probes.group_names)
         self.views: list[torch.Tensor] = []
         self.owner: list[int] = []  # group of each view
@@ -51,25 +51,31 @@ class UpdateMeter:
                 if view is not None:
                     self.views.append(view)
                     self.owner.append(gi)
-        self.copy: list[torch.Tensor] | None = None
-        self._index: dict[torch.device, torch.Tensor] = {}
+        self.copy: torch.Tensor | None = None  # the sample at the last call, flat, fp32
+        self.group_sizes = [
+            sum(v.numel() for v, g in zip(self.views, self.owner) if g == gi) for gi in range(self.groups)
+        ]
 
     def measure(self, device: torch.device) -> torch.Tensor | None:
         """``[groups x 2]`` on ``device``: the squared norm of the sample's change since the last call, and of the
         sample before it (no host sync). ``None`` on the first call, and when nothing can be sampled."""
         if not self.views:
             return None
-        if self.copy is None:
-            self.copy = [v.detach().clone() for v in self.views]
+        # The whole sample as one flat fp32 vector: one gather, then a handful of ops whatever the number of
+        # tensors (per-tensor _foreach ops cost a dispatch per tensor on CPU).
+        try:
+            now = torch.cat(self.views).float()
+        except RuntimeError:  # a sample on several devices (a model split across GPUs)
+            now = torch.cat([v.to(device) for v in self.views]).float()
+        before, self.copy = self.copy, now
+        if before is None:
             return None
-        moved = torch._foreach_norm(torch._foreach_sub(self.views, self.copy), 2)
-        sizes = torch._foreach_norm(self.copy, 2)  # the weights before the update
-        torch._foreach_copy_(self.copy, self.views)
-        both = [torch.stack([m.float(), w.float()]).to(device) for m, w in zip(moved, sizes)]  # dtypes may differ
-        per_view = torch.stack(both).square()
-        if device not in self._index:
-            self._index[device] = torch.tensor(self.owner, device=device, dtype=torch.long)
-        return torch.zeros(self.groups, 2, device=device).index_add_(0, self._index[device], per_view)
+        # The views are in group order: each group's values are one contiguous slice (empty for a group with none),
+        # so both norms of every group come out of one fused call.
+        sizes = self.group_sizes
+        slices = [*(now - before).split_with_sizes(sizes), *before.split_with_sizes(sizes)]
+        norms = torch.stack(torch._foreach_norm(slices, 2)).square().view(2, self.groups).t()
+        return norms if norms.device == device else norms.to(device)
 
     def forget(self) -> None:
         """Start over (the weights changed for another reason than an update: a restart, a resume)."""
