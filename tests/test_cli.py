@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradguard.cli import main
 from gradguard.codes import RULES, rule
@@ -55,23 +54,15 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fault_report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real report: the engine on a plain loop, a NaN in a decoder layer's forward output from step 3."""
-    from gradguard.engine.guard import Guard
-    from gradguard.testing.faults import inject_nan
+    """A real report: a plain-loop smoke test, a NaN in a decoder layer's forward output from step 3."""
+    from gradguard.testing import inject_nan, smoke_test
     from gradguard.testing.models import make_batch, tiny_llama
 
     out = tmp_path_factory.mktemp("report")
     model = tiny_llama()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    guard = Guard(model, opt, report_dir=out, console=False)
     with inject_nan(model.model.layers[1], start=3):
-        for step in range(6):
-            model(**make_batch(model, seed=step)).loss.backward()
-            if not guard.check():
-                break
-            opt.step()
-            opt.zero_grad()
-    guard.close()
+        report = smoke_test(model, [make_batch(model, seed=s) for s in range(6)], steps=6, report_dir=out)
+    assert report.fault is not None and report.fault.step == 3
     return out
 
 

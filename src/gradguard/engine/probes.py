@@ -208,7 +208,6 @@ class Probes:
         # One process, whole gradients: norms batched per backward (see the module docstring). The guard
         # turns it off across ranks and under DeepSpeed, whose hooks move gradients into its partitions.
         self.batched = True
-        self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Parameters whose gradient is split across ranks (FSDP2 / tensor-parallel DTensors; DeepSpeed ZeRO
         # partitions, registered by gradguard.engine.zero): a hook sees only this rank's piece,
         # so the guard sums the weighted squared norms over the ranks (see policy.shard_weight).
@@ -499,18 +498,9 @@ class Probes:
     def module_norms(self, norms: torch.Tensor) -> torch.Tensor:
         """Per-module gradient norms from per-parameter ones (``[steps x params]`` -> ``[steps x modules]``): the
         fault path's evidence only, so a healthy step pays nothing for it."""
-        midx = self._indices(norms.device)[1]
+        owner = torch.tensor(self.param_module, device=norms.device, dtype=torch.long)
         sumsq = torch.zeros(norms.shape[0], len(self.modules), device=norms.device)
-        return sumsq.index_add_(1, midx, norms.square()).sqrt()
-
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each parameter's group and module, as index tensors cached on ``device`` (no per-step host copy)."""
-        if device not in self._index_cache:
-            self._index_cache[device] = (
-                torch.tensor(self.param_group, device=device, dtype=torch.long),
-                torch.tensor(self.param_module, device=device, dtype=torch.long),
-            )
-        return self._index_cache[device]
+        return sumsq.index_add_(1, owner, norms.square()).sqrt()
 
     def norms_in_order(self) -> list[tuple[int, float]]:
         """(parameter index, gradient norm) in the order backward produced the gradients: one host read, for
